@@ -1,0 +1,67 @@
+"""The demo: a small SigLIP trained on the embedded coloured-shapes set, on a 2-core CPU.
+
+    python -m siglip_jax.train --config=configs/demo.py --workdir=/tmp/demo
+
+The model has SigLIP's shape (MAP image pooling, no image head, last-token text pooling with
+sticky EOS, a text head), so it exports to HF transformers as it is.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1500
+  c.log_every_steps = 50
+
+  c.input = ml_collections.ConfigDict()
+  c.input.data = "shapes"          # the embedded demo set (siglip_jax.data.shapes)
+  c.input.batch_size = 128         # global
+  c.input.image_size = 32
+  c.input.text_len = 16
+  c.input.tokenizer = ""           # empty: the demo's shipped SentencePiece model
+  c.input.prefetch = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image = dict(variant=None, patch_size=(4, 4), width=128, depth=3, mlp_dim=512,
+                       num_heads=4, pool_type="map", posemb="learn", scan=False,
+                       remat_policy="none")
+  c.model.text = dict(variant=None, width=128, depth=3, mlp_dim=512, num_heads=4,
+                      vocab_size=0,  # 0: taken from the tokenizer
+                      pool_type="last", scan=False, remat_policy="none")
+  c.model.out_dim = (None, 128)
+  c.model.temperature_init = 10.0
+  c.model.bias_init = -10.0
+  c.model.dtype = "float32"
+  c.model.attention_impl = ""      # "" lets JAX pick; "cudnn" for fused attention on GPUs
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = "sigmoid_ring"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-3
+  c.optim.wd = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.clip_norm = 1.0
+  c.optim.schedule = dict(decay="cosine", warmup_steps=100, cooldown_steps=0, end_lr_frac=0.0)
+  c.optim.lr_mults = ()            # ((regex, multiplier), ...)
+  c.optim.frozen = ()              # (regex, ...): e.g. ("img/.*",) for LiT
+
+  c.mesh = (("data", -1),)
+  c.sharding_rules = ((".*", "replicate"),)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 2
+  c.checkpoint.keep_every = 0      # 0: keep no extra checkpoints for good
+
+  c.model_init = ""
+  c.model_load = ml_collections.ConfigDict()
+  c.model_load.dont_load = ()
+
+  c.evals = ml_collections.ConfigDict()
+  c.evals.shapes = dict(kind="shapes", every_steps=500, batch_size=256)
+  return c

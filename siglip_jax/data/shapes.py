@@ -1,0 +1,248 @@
+"""The embedded demo data set: coloured shapes on noisy backgrounds, rendered on the fly.
+
+Nothing is downloaded. Every example is a pure function of (seed, stream, index): its RNG is
+`np.random.default_rng([seed, stream, index])`, so a process can render any slice of a global
+batch, and a resumed run sees exactly the examples it would have seen. Train, held-out and unseen
+examples come from different streams, so held-out images are never training images.
+
+Eight colour-shape pairs (`UNSEEN_PAIRS`) never occur in training, neither as images nor in
+captions; every colour and every shape still occurs with seven other partners, so a model that
+learns colour and shape separately can name the unseen pairs (compositional zero-shot).
+"""
+import re
+
+import numpy as np
+
+# Colours far apart in RGB, so that the jitter below never makes two of them meet.
+COLOR_RGB = {
+    "red": (0.90, 0.10, 0.10),
+    "green": (0.10, 0.75, 0.15),
+    "blue": (0.15, 0.35, 1.00),
+    "yellow": (0.95, 0.90, 0.10),
+    "purple": (0.60, 0.15, 0.85),
+    "orange": (1.00, 0.55, 0.00),
+    "cyan": (0.00, 0.85, 0.90),
+    "white": (0.95, 0.95, 0.95),
+}
+COLORS = tuple(COLOR_RGB)
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
+
+# A Latin-square diagonal: colour i with shape 3i mod 8 (3 is coprime to 8, so each colour and
+# each shape loses exactly one partner).
+UNSEEN_PAIRS = tuple((COLORS[i], SHAPES[(3 * i) % len(SHAPES)]) for i in range(len(COLORS)))
+
+SIZE_WORDS = ("small", "medium", "large")
+
+CAPTION_TEMPLATES = (
+    "a {color} {shape}",
+    "a photo of a {color} {shape}.",
+    "a {shape} that is {color}",
+    "there is a {color} {shape} in the picture.",
+    "a {size} {color} {shape} on a noisy background",
+    "{color} {shape}",
+    "a {size} {shape}, colored {color}",
+    "an image showing a {color} {shape}.",
+    "the {shape} is {color}",
+    "a picture of one {size} {color} {shape}.",
+)
+
+# Zero-shot class prompts (no size word: a class is a colour-shape pair at any size).
+PROMPT_TEMPLATES = (
+    "a photo of a {color} {shape}.",
+    "a {color} {shape}",
+    "{color} {shape}",
+    "a {shape} that is {color}",
+    "there is a {color} {shape} in the picture.",
+)
+
+_TRAIN, _HELDOUT, _UNSEEN = 0, 1, 2
+_SPLIT_STREAMS = {"heldout": _HELDOUT, "unseen": _UNSEEN}
+_SIZE_RANGE = (0.20, 0.40)  # shape radius as a fraction of the image side
+# Shapes that turn into another class (or an "x") when rotated far get a small rotation only.
+_ROT_LIMIT_DEG = {"square": 15.0, "diamond": 15.0, "cross": 15.0, "heart": 20.0}
+_NUM_UNIFORMS = 17
+
+
+def _a_an(text):
+  return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def fill(template, color, shape, size="medium"):
+  return _a_an(template.format(color=color, shape=shape, size=size))
+
+
+def caption_corpus(include_unseen=False):
+  """Every caption and prompt the demo can produce (the tokenizer's training text)."""
+  unseen = set(UNSEEN_PAIRS)
+  pairs = [(c, s) for c in COLORS for s in SHAPES if include_unseen or (c, s) not in unseen]
+  texts = {fill(t, c, s, z) for t in CAPTION_TEMPLATES for c, s in pairs for z in SIZE_WORDS}
+  texts |= {fill(t, c, s) for t in PROMPT_TEMPLATES for c, s in pairs}
+  return sorted(texts)
+
+
+# Signed distances in the shape's own frame (unit ~ shape radius, y up; negative inside).
+# Exact near the boundary, which is all that the one-pixel anti-aliasing ramp needs.
+def _box(u, v, hx, hy):
+  qx, qy = np.abs(u) - hx, np.abs(v) - hy
+  outside = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0))
+  return outside + np.minimum(np.maximum(qx, qy), 0)
+
+
+def _folded(u, v, m, phase):
+  """Polar coordinates folded into one wedge [0, pi/m] of an m-fold symmetric shape."""
+  w = 2 * np.pi / m
+  theta = np.arctan2(v, u) - phase
+  return np.hypot(u, v), np.abs(np.mod(theta + w / 2, w) - w / 2)
+
+
+def _polygon(u, v, m, phase, radius=1.0):
+  r, t = _folded(u, v, m, phase)
+  return r * np.cos(t - np.pi / m) - radius * np.cos(np.pi / m)
+
+
+def _star(u, v, inner=0.45):
+  # In the folded wedge the boundary is the one edge from the tip (1, 0) to the inner vertex.
+  r, t = _folded(u, v, 5, np.pi / 2)
+  bx, by = inner * np.cos(np.pi / 5), inner * np.sin(np.pi / 5)
+  nx, ny = by, 1 - bx
+  norm = np.hypot(nx, ny)
+  return (r * (np.cos(t) * nx + np.sin(t) * ny) - nx) / norm
+
+
+def _heart(u, v):
+  # A square turned 45 degrees with a disc on each upper side, scaled to fit the unit circle.
+  k, side, c = 1.0 / 0.92, 1.0, -0.073
+  u, v = u / k, v / k - c
+  a, b = (u + v) / np.sqrt(2), (v - u) / np.sqrt(2)
+  h = side / (2 * np.sqrt(2))
+  d = np.minimum(_box(a, b, side / 2, side / 2), np.hypot(u + h, v - h) - side / 2)
+  return k * np.minimum(d, np.hypot(u - h, v - h) - side / 2)
+
+
+_SDF = {
+    "circle": lambda u, v: np.hypot(u, v) - 0.9,
+    "square": lambda u, v: _polygon(u, v, 4, np.pi / 4),
+    "triangle": lambda u, v: _polygon(u, v, 3, np.pi / 2),
+    "star": _star,
+    "cross": lambda u, v: np.minimum(_box(u, v, 0.95, 0.3), _box(u, v, 0.3, 0.95)),
+    "diamond": lambda u, v: (np.abs(u) / 0.62 + np.abs(v) - 1) * (0.62 / np.hypot(0.62, 1.0)),
+    "ring": lambda u, v: np.abs(np.hypot(u, v) - 0.72) - 0.24,
+    "heart": _heart,
+}
+
+
+class ShapesDataset:
+  """Colour-shape images with captions; see the module docstring.
+
+  Class `k` is colour `k // len(shapes)` and shape `k % len(shapes)`; `class_names[k]` is e.g.
+  "red circle". Images are float32 [N, H, W, 3] in [-1, 1].
+  """
+
+  def __init__(self, *, seed=0, image_size=32, num_heldout=512, num_unseen=512):
+    if not 16 <= image_size <= 512:
+      raise ValueError(f"image_size must be in [16, 512], got {image_size}")
+    self.seed, self.image_size = int(seed), int(image_size)
+    self.num_heldout, self.num_unseen = int(num_heldout), int(num_unseen)
+    self.colors, self.shapes = list(COLORS), list(SHAPES)
+    self.class_names = [f"{c} {s}" for c in self.colors for s in self.shapes]
+    unseen = {self.class_names.index(f"{c} {s}") for c, s in UNSEEN_PAIRS}
+    self.unseen_class_ids = np.array(sorted(unseen), np.int32)
+    self.seen_class_ids = np.array(
+        [k for k in range(len(self.class_names)) if k not in unseen], np.int32)
+    self._rgb = np.array([COLOR_RGB[c] for c in self.colors], np.float32)
+    self._rot_limit = np.radians(
+        [_ROT_LIMIT_DEG.get(s, 180.0) for s in self.shapes]).astype(np.float32)
+    self._eval_cache = {}
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+  def train_examples(self, indices):
+    """Renders training examples `indices` (any ints >= 0); labels are seen classes only."""
+    return self._examples(_TRAIN, np.asarray(indices, np.int64).reshape(-1), labels=None)
+
+  def eval_split(self, name):
+    """The fixed "heldout" (seen classes) or "unseen" (UNSEEN_PAIRS classes) split.
+
+    Labels cycle through the split's classes, so every class gets (nearly) the same count.
+    Arrays are cached and read-only.
+    """
+    if name not in _SPLIT_STREAMS:
+      raise ValueError(f"unknown eval split {name!r}; expected one of {sorted(_SPLIT_STREAMS)}")
+    if name not in self._eval_cache:
+      n, ids = ((self.num_heldout, self.seen_class_ids) if name == "heldout"
+                else (self.num_unseen, self.unseen_class_ids))
+      out = self._examples(_SPLIT_STREAMS[name], np.arange(n), labels=ids[np.arange(n) % len(ids)])
+      for v in out.values():
+        if isinstance(v, np.ndarray):
+          v.setflags(write=False)
+      self._eval_cache[name] = out
+    return self._eval_cache[name]
+
+  def prompts(self):
+    """Per class (in `class_names` order), the zero-shot prompt texts."""
+    return [[fill(t, c, s) for t in PROMPT_TEMPLATES] for c in self.colors for s in self.shapes]
+
+  def _examples(self, stream, indices, labels):
+    if indices.size and indices.min() < 0:
+      raise ValueError("example indices must be >= 0")
+    size = self.image_size
+    n = len(indices)
+    uni = np.empty((n, _NUM_UNIFORMS), np.float64)
+    noise = np.empty((n, size, size, 3), np.float32)
+    for j, i in enumerate(indices):
+      rng = np.random.default_rng([self.seed, stream, int(i)])
+      uni[j] = rng.random(_NUM_UNIFORMS)
+      rng.standard_normal(dtype=np.float32, out=noise[j])
+    if labels is None:
+      seen = self.seen_class_ids
+      labels = seen[np.minimum((uni[:, 0] * len(seen)).astype(np.int64), len(seen) - 1)]
+    labels = np.asarray(labels, np.int32)
+    image, size_bin = self._render(labels, uni.astype(np.float32), noise)
+    ns = len(self.shapes)
+    tmpl = np.minimum((uni[:, 16] * len(CAPTION_TEMPLATES)).astype(np.int64),
+                      len(CAPTION_TEMPLATES) - 1)
+    text = [fill(CAPTION_TEMPLATES[t], self.colors[k // ns], self.shapes[k % ns], SIZE_WORDS[z])
+            for t, k, z in zip(tmpl, labels, size_bin)]
+    return dict(image=image, text=text, label=labels)
+
+  def _render(self, labels, u, noise):
+    """Vectorized over the batch; `u` holds each example's uniform draws (column = role)."""
+    n, size = len(labels), self.image_size
+    ns = len(self.shapes)
+    color_id, shape_id = labels // ns, labels % ns
+    lo, hi = _SIZE_RANGE
+    frac = lo + (hi - lo) * u[:, 1]
+    size_bin = np.minimum((u[:, 1] * len(SIZE_WORDS)).astype(np.int64), len(SIZE_WORDS) - 1)
+    r_px = frac * size
+    cx = r_px + (size - 2 * r_px) * u[:, 2]  # the whole shape stays inside the image
+    cy = r_px + (size - 2 * r_px) * u[:, 3]
+    theta = (2 * u[:, 4] - 1) * self._rot_limit[shape_id]
+
+    grid = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
+    e = (slice(None), None, None)
+    dx = grid[None, None, :] - cx[e]
+    dy = cy[e] - grid[None, :, None]  # y up, so "up" in a shape means up in the image
+    cos, sin = np.cos(theta)[e], np.sin(theta)[e]
+    su = (dx * cos + dy * sin) / r_px[e]
+    sv = (dy * cos - dx * sin) / r_px[e]
+    sdf = np.empty((n, size, size), np.float32)
+    for k, name in enumerate(self.shapes):
+      m = shape_id == k
+      if m.any():
+        sdf[m] = _SDF[name](su[m], sv[m])
+    # One-pixel linear ramp across the boundary: cheap anti-aliasing.
+    alpha = np.clip(0.5 - sdf * r_px[e], 0.0, 1.0)[..., None]
+
+    # Colour jitter (+-0.06 per channel, brightness 0.85..1.05) keeps the eight colours apart.
+    fg = self._rgb[color_id] * (0.85 + 0.2 * u[:, 8:9]) + 0.12 * (u[:, 5:8] - 0.5)
+    # Background: dark-to-mid grey, faint tint, a linear gradient in a random direction.
+    base = 0.05 + 0.40 * u[:, 9:10] + 0.08 * (u[:, 10:13] - 0.5)
+    phi = 2 * np.pi * u[:, 13]
+    ramp = ((grid[None, None, :] / size - 0.5) * np.cos(phi)[e]
+            + (grid[None, :, None] / size - 0.5) * np.sin(phi)[e])
+    bg = base[:, None, None, :] + (0.3 * u[:, 14])[e][..., None] * ramp[..., None]
+    sigma = (0.02 + 0.08 * u[:, 15])[e][..., None]
+    img = bg + alpha * (fg[:, None, None, :] - bg) + sigma * noise
+    return (np.clip(img, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32), size_bin

@@ -1,0 +1,94 @@
+"""The SigLIP inference handle: encode images and texts, with the learned scale and bias.
+
+Used by `siglip_jax.load`, by the evaluators during training and by the notebook. Inputs are
+cut into fixed-size batches (the last one padded) so each tower compiles once; with a mesh,
+each batch is sharded over its batch axes, each process giving its own slice.
+"""
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class SigLIP:
+  """encode_image(float32 [N,H,W,3] in [-1,1]) / encode_text(int32 [N,L]) -> [N,D] normalized."""
+
+  def __init__(self, model, params, *, image_size, text_len, vocab_size, tokenizer=None,
+               batch_size=256, mesh=None, config=None):
+    self.model, self.params = model, params
+    self.image_size, self.text_len, self.vocab_size = int(image_size), int(text_len), int(vocab_size)
+    self.tokenizer, self.config, self.mesh = tokenizer, config, mesh
+    if mesh is not None:
+      from siglip_jax import mesh as mesh_lib
+      n = int(np.prod([mesh.shape[a] for a in mesh_lib.batch_axes(mesh)]))
+      batch_size = -(-batch_size // n) * n
+      in_sh = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
+      rep = NamedSharding(mesh, P())
+      jit = lambda f: jax.jit(f, in_shardings=(None, in_sh), out_shardings=rep)
+    else:
+      jit = jax.jit
+    self.batch_size = batch_size
+    self._img = jit(lambda p, x: model.apply({"params": p}, x, None)[0])
+    self._txt = jit(lambda p, x: model.apply({"params": p}, None, x)[1])
+
+  @property
+  def t(self):
+    return float(np.exp(np.asarray(jax.device_get(self.params["t"])).reshape(())))
+
+  @property
+  def b(self):
+    return float(np.asarray(jax.device_get(self.params["b"])).reshape(())) if "b" in self.params else 0.0
+
+  def _run(self, fn, x, dtype):
+    x = np.asarray(x, dtype)
+    if len(x) == 0:
+      raise ValueError("nothing to encode: the input is empty")
+    out = []
+    for start in range(0, len(x), self.batch_size):
+      chunk = x[start:start + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:   # pad to the compiled size
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, 0)])
+      out.append(self._gather(fn(self.params, self._put(chunk)))[:n])
+    return np.concatenate(out).astype(np.float32)
+
+  def _put(self, chunk):
+    if self.mesh is None or jax.process_count() == 1:
+      return jnp.asarray(chunk)
+    from siglip_jax import mesh as mesh_lib
+    sharding = NamedSharding(self.mesh, P(mesh_lib.batch_axes(self.mesh)))
+    per = len(chunk) // jax.process_count()
+    local = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
+    return jax.make_array_from_process_local_data(sharding, local)
+
+  @staticmethod
+  def _gather(y):
+    # A replicated output is whole on every process: read the local copy.
+    return np.asarray(y.addressable_data(0)) if hasattr(y, "addressable_data") else np.asarray(y)
+
+  def encode_image(self, images):
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"encode_image wants float32 [N, H, W, 3]; got shape {images.shape}")
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"encode_image: images are {images.shape[1]}x{images.shape[2]}, "
+                       f"the model takes {self.image_size}x{self.image_size}")
+    return self._run(self._img, images, np.float32)
+
+  def encode_text(self, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != self.text_len:
+      raise ValueError(f"encode_text wants int32 [N, {self.text_len}]; got shape {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+      raise ValueError(f"encode_text: token ids must lie in [0, {self.vocab_size})")
+    return self._run(self._txt, tokens, np.int32)
+
+  def tokenize(self, texts):
+    if self.tokenizer is None:
+      raise ValueError("no SentencePiece model is known for this model: pass token ids to "
+                       "encode_text instead")
+    return self.tokenizer.encode(list(texts), self.text_len)
+
+  def encode_strings(self, texts):
+    return self.encode_text(self.tokenize(texts))

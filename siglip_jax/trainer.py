@@ -1,0 +1,150 @@
+"""The training loop: wires mesh, state, data, the jitted step, checkpoints, evals, metrics."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, optim, step
+from siglip_jax.data import batches
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss, say); the message names the step."""
+
+
+def build(config, workdir=None):
+  """Everything a run needs before its first step; the checks come before any compiling."""
+  experiment.check_config(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  try:
+    mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  except ValueError as e:
+    raise experiment.ConfigError(str(e)) from None
+  tokenizer = experiment.make_tokenizer(config)
+  model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
+  size, length = config.input.image_size, config.input.text_len
+  example = {"image": jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3), jnp.float32),
+             "text": jax.ShapeDtypeStruct((config.input.batch_size, length), jnp.int32)}
+  abstract_params = jax.eval_shape(
+      lambda i, t: model.init(jax.random.key(0), i, t), example["image"], example["text"])["params"]
+  tx, lr_fn = optim.make_optimizer(abstract_params, config.optim, config.total_steps)
+  init = functools.partial(step.init_state, model, tx)
+  abstract_state = jax.eval_shape(init, jax.random.key(config.seed), example)
+  rules = config.get("sharding_rules", ((".*", "replicate"),))
+  state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  data_sharding = {"image": batch_sharding, "text": batch_sharding}
+  loss_fn = step.make_loss_fn(config.loss.kind, mesh)
+  train_step = jax.jit(step.make_train_step(model, tx, loss_fn, lr_fn),
+                       in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=(0,))
+  return dict(mesh=mesh, model=model, tokenizer=tokenizer, vocab_size=vocab_size, tx=tx,
+              abstract_state=abstract_state, state_sharding=state_sharding,
+              batch_sharding=batch_sharding, train_step=train_step,
+              init=jax.jit(init, out_shardings=state_sharding))
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def initial_state(config, parts, ckpt):
+  """Latest checkpoint of this workdir, else `model_init`'s weights, else a fresh init."""
+  target = _with_shardings(parts["abstract_state"], parts["state_sharding"])
+  if ckpt.latest_step() is not None:
+    state, extra = ckpt.restore(target)
+    return state, int(extra.get("data_position", int(state.step)))
+  state = parts["init"](jax.random.key(config.seed), _zeros_like_batch(config))
+  if config.model_init:
+    from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
+    params = model_init.load_init_params(config.model_init, state.params,
+                                         dont_load=config.model_load.dont_load)
+    state = state.replace(params=params,
+                          opt_state=jax.jit(parts["tx"].init, out_shardings=parts[
+                              "state_sharding"].opt_state)(params))
+  return state, 0
+
+
+def _zeros_like_batch(config):
+  size, b = config.input.image_size, config.input.batch_size
+  return {"image": jnp.zeros((b, size, size, 3), jnp.float32),
+          "text": jnp.zeros((b, config.input.text_len), jnp.int32)}
+
+
+def inference_handle(config, parts, params):
+  return inference.SigLIP(parts["model"], params, image_size=config.input.image_size,
+                          text_len=config.input.text_len, vocab_size=parts["vocab_size"],
+                          tokenizer=parts["tokenizer"], mesh=parts["mesh"], config=config)
+
+
+def run_evals(evaluators, config, parts, params, step_no, writer, force=False):
+  results = {}
+  for ev in evaluators:
+    if force or (ev.every_steps and step_no % ev.every_steps == 0):
+      results.update(ev.run(inference_handle(config, parts, params)))
+  if results:
+    writer.write(step_no, results)
+  return results
+
+
+def _check_finite(state):
+  bad = int(jax.device_get(state.bad_step))
+  if bad:
+    raise TrainingError(f"the loss or its gradient was not finite at step {bad}; training "
+                        "stopped (weights from before that step were kept, none non-finite saved)")
+
+
+def train(config, workdir):
+  parts = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, config=config)
+  state, position = initial_state(config, parts, ckpt)
+  first = int(jax.device_get(state.step))
+  total = config.total_steps
+  writer = metrics.make_writers(workdir, is_main)
+  evaluators = experiment.make_evaluators(config)
+  if is_main:
+    print(f"siglip_jax: {jax.device_count()} devices x {jax.process_count()} processes, mesh "
+          f"{dict(parts['mesh'].shape)}, {'resuming at step ' + str(first) if first else 'from scratch'}",
+          flush=True)
+  data = batches.IndexedBatches(
+      experiment.make_train_source(config), parts["tokenizer"], text_len=config.input.text_len,
+      global_batch=config.input.batch_size, sharding=parts["batch_sharding"],
+      start_step=position, prefetch=config.input.get("prefetch", 2))
+  progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
+  final = {}
+  wait_s = 0.0
+  try:
+    for step_no in range(first + 1, total + 1):
+      _, batch, wait = next(data)
+      wait_s += wait
+      state, step_metrics = parts["train_step"](state, batch)
+      last = step_no == total
+      if step_no % config.log_every_steps == 0 or last:
+        _check_finite(state)
+        host = jax.device_get(step_metrics)
+        pairs_per_s = progress.update(step_no, float(host["train/loss"]))
+        host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s})
+        wait_s = 0.0
+        writer.write(step_no, host)
+      if ckpt.should_save(step_no, last=last) or ckpt.reached_preemption(step_no):
+        _check_finite(state)
+        ckpt.save(step_no, state, {"data_position": data.position})
+        if ckpt.reached_preemption(step_no) and not last:
+          ckpt.wait()
+          if is_main:
+            print(f"preempted: saved step {step_no}; rerun the same command to resume", flush=True)
+          return {}
+      results = run_evals(evaluators, config, parts, state.params, step_no, writer, force=last)
+      if last:
+        final = results
+  finally:
+    data.close()
+    ckpt.close()
+    writer.close()
+  if is_main and final:
+    print(metrics.summary_table(final), flush=True)
+  return final

@@ -1,0 +1,51 @@
+"""Test-wide set-up: 8 simulated CPU devices (set before JAX is imported anywhere), and helpers
+to run the CLI entry points as a user would, in subprocesses with a clean device setting."""
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A demo small enough to compile and train a few steps in seconds on 2 cores.
+TINY_DEMO = [
+    "--config=configs/demo.py",
+    "--config.input.batch_size=16",
+    "--config.model.image.depth=1", "--config.model.image.width=32",
+    "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
+    "--config.model.text.depth=1", "--config.model.text.width=32",
+    "--config.model.text.mlp_dim=64", "--config.model.text.num_heads=2",
+    "--config.model.out_dim=(None,32)",
+    "--config.evals.shapes.every_steps=0",
+    "--config.optim.schedule.warmup_steps=2",
+]
+
+
+def cli_env(devices=1, **extra):
+  """Environment for a subprocess with `devices` CPU devices."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SIGLIP_JAX_")}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_module(module, args, *, devices=1, timeout=300, check=True, env=None):
+  """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=env or cli_env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return proc
+
+
+@pytest.fixture
+def repo():
+  return REPO
