@@ -27,7 +27,9 @@ EXTRAS = {
     "notebooks": ["matplotlib", "nbformat", "nbclient", "ipykernel"],
     # A CPU torch lies on this kind of machine's disk; an unpinned torch pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45", "matplotlib",
-             "nbformat", "nbclient", "ipykernel", "grain>=0.2.12"],
+             "nbformat", "nbclient", "ipykernel", "grain>=0.2.12",
+             # TensorBoard's own reader checks our TF-free event files (no TensorFlow needed).
+             "tensorboard"],
 }
 
 setup(

@@ -139,7 +139,8 @@ def main():
   print(json.dumps(dict(
       params=n_params, state_gb=round(state_bytes / 1e9, 3), fill=args.fill,
       runs=runs,
-      finite_check_s=round(finite_check_s, 3), blocking_s_median=statistics.median(r["blocking_s"] for r in later),
+      finite_check_s=round(finite_check_s, 3),
+      blocking_s_median=statistics.median(r["blocking_s"] for r in later),
       commit_s_median=statistics.median(r["commit_s"] for r in later),
       on_disk_gb=round(size / 1e9, 3), restore_s=round(restore_s, 2),
       machine=dict(cpus=os.cpu_count(), mem_gb=round(mem_gb, 1), loadavg_1m=round(load[0], 2),

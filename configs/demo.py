@@ -62,6 +62,9 @@ def get_config(arg=None):
   c.model_load = ml_collections.ConfigDict()
   c.model_load.dont_load = ()
 
+  c.peak_tflops = 0.0              # per device, for perf/mfu; 0: from flops.PEAK_TFLOPS
+  c.profile_steps = ""             # "N,M": a jax.profiler trace of steps N..M in DIR/profile/
+
   c.evals = ml_collections.ConfigDict()
   c.evals.shapes = dict(kind="shapes", every_steps=500, batch_size=256)
   return c

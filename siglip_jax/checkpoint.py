@@ -50,17 +50,24 @@ def _flat_shapes(tree):
 
 
 def _describe_mismatch(saved, wanted, limit=5):
-  """Lines naming the first few names that are missing, unexpected or of another shape."""
+  """Lines naming the first few names that are missing, unexpected or of another shape;
+  params first, as the optimizer state's names repeat them."""
+  order = lambda name: (not name.startswith("params/"), name)
   lines = []
   shape = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
-           for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+           for k in sorted(saved.keys() & wanted.keys(), key=order) if saved[k] != wanted[k]]
   for label, names in (("shape differs", shape),
-                       ("not in the checkpoint", sorted(wanted.keys() - saved.keys())),
-                       ("only in the checkpoint", sorted(saved.keys() - wanted.keys()))):
+                       ("not in the checkpoint", sorted(wanted.keys() - saved.keys(), key=order)),
+                       ("only in the checkpoint", sorted(saved.keys() - wanted.keys(), key=order))):
     if names:
-      more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-      lines.append(f"  {label}: " + "; ".join(names[:limit]) + more)
+      more = [f"    ... and {len(names) - limit} more"] if len(names) > limit else []
+      lines += [f"  {label} ({len(names)}):"] + [f"    {n}" for n in names[:limit]] + more
   return lines
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _is_memory_error(e):
@@ -112,7 +119,7 @@ class Checkpointer:
     # SIGTERM through a native handler and agrees on one step for all processes; a Python
     # handler would replace it, so processes could not agree. One process: a flag is enough.
     if jax.process_count() > 1:
-      if not jax.config.read("jax_enable_preemption_service"):
+      if not jax.config.jax_enable_preemption_service:
         _log.warning("jax_enable_preemption_service is off: SIGTERM will not save a checkpoint")
       return
     try:
@@ -173,9 +180,9 @@ class Checkpointer:
     saved, wanted = _flat_shapes(getattr(meta, "tree", meta)), _flat_shapes(target)
     lines = _describe_mismatch(saved, wanted)
     if lines:
-      raise CheckpointMismatchError(f"checkpoint {os.path.join(self.directory, str(step))} does not fit "
-                       "this config (were model or optimizer settings changed?):\n"
-                       + "\n".join(lines))
+      raise CheckpointMismatchError(
+          f"checkpoint {os.path.join(self.directory, str(step))} does not fit this config "
+          "(were model or optimizer settings changed?):\n" + "\n".join(lines))
 
   def _restore_step(self, step, target):
     out = self._mngr.restore(step, args=ocp.args.Composite(
@@ -218,8 +225,8 @@ class Checkpointer:
         self._set_aside(damaged, s)
         return result
       damaged.append((s, error if result is None else RuntimeError("another process failed")))
-    raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(
-        f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}" for s, e in damaged))
+    raise RuntimeError(f"no readable checkpoint in {self.directory} (nothing was moved): "
+                       + "; ".join(f"step {s}: {_first_line(e)}" for s, e in damaged))
 
   def _set_aside(self, damaged, used_step):
     """Reports damaged checkpoints newer than the one used, and moves them out of the way
@@ -228,9 +235,8 @@ class Checkpointer:
       return
     aside = self.directory + ".damaged"
     for s, e in damaged:
-      _log.warning("checkpoint step %d in %s is damaged (%s: %s); resuming from step %d; "
-                   "moved it to %s", s, self.directory, type(e).__name__,
-                   str(e).splitlines()[0][:200] if str(e) else "", used_step, aside)
+      _log.warning("checkpoint step %d in %s is damaged (%s); resuming from step %d; "
+                   "moved it to %s", s, self.directory, _first_line(e), used_step, aside)
       if jax.process_index() == 0:
         os.makedirs(aside, exist_ok=True)
         dest = os.path.join(aside, str(s))

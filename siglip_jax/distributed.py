@@ -1,54 +1,213 @@
 """Joins `jax.distributed` from the environment, once, before anything touches a device.
 
 - Explicit (localhost, tests, `launch/local.sh`): SIGLIP_JAX_COORDINATOR=host:port,
-  SIGLIP_JAX_NUM_PROCESSES, SIGLIP_JAX_PROCESS_ID (optionally SIGLIP_JAX_LOCAL_DEVICES).
-- Clusters: JAX's own auto-detection (TPU pod metadata, SLURM_* variables, Kubernetes/GKE
-  JobSet env), used when one of them is present.
+  SIGLIP_JAX_NUM_PROCESSES, SIGLIP_JAX_PROCESS_ID; optionally SIGLIP_JAX_LOCAL_DEVICES
+  (comma-separated local device ids this process uses, for GPUs).
+- Clusters: JAX's own auto-detection (`jax._src.clusters`: Cloud TPU VMs and GKE TPU, SLURM
+  under `srun`, Open MPI, Kubernetes Jobs/JobSets with the `kubernetes` package), used when one of
+  them sees its environment. SIGLIP_JAX_CLUSTER=NAME forces one detector (`slurm`, `ompi`,
+  `gcetpu`, `gketpu`, `k8s`, `mpi4py`), SIGLIP_JAX_CLUSTER=none runs a single process whatever
+  the environment says.
 - Otherwise a single process: nothing to join.
-On CPU the cross-process collectives need gloo; a process that cannot reach the coordinator
-fails within SIGLIP_JAX_INIT_TIMEOUT seconds (default 120) instead of hanging.
+On CPU the cross-process collectives need gloo. A process that cannot join (coordinator down or
+unreachable, a peer missing) stops within SIGLIP_JAX_INIT_TIMEOUT seconds (default 300, JAX's)
+with one `error: ...` line naming the coordinator, instead of hanging or aborting with a gRPC
+stack trace.
 """
 import os
+import socket
+import sys
+import threading
 
 import jax
 
-_CLUSTER_HINTS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                  "JOBSET_NAME", "JAX_COORDINATOR_ADDRESS")
+DEFAULT_TIMEOUT = 300
+# Only consulted when JAX's detector registry (jax._src.clusters) cannot be imported.
+_CLUSTER_HINTS = ("SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                  "JOBSET_NAME", "OMPI_MCA_orte_hnp_uri")
+# JAX's own deadline comes this much after ours, so the clear message wins the race.
+_JAX_DEADLINE_SLACK = 15
 
 
-def _int_env(name):
-  value = os.environ.get(name)
+class DistributedError(RuntimeError):
+  """The environment describes a job this process cannot join; the message says why."""
+
+
+def _int_env(env, name):
+  value = env.get(name)
   try:
     return int(value)
   except (TypeError, ValueError):
-    raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+    raise DistributedError(f"environment variable {name}={value!r} must be an integer "
+                           "(SIGLIP_JAX_COORDINATOR is set, so it is needed)") from None
 
 
 def explicit_settings(env=os.environ):
-  if "SIGLIP_JAX_COORDINATOR" not in env:
+  """The SIGLIP_JAX_* job description, or None when SIGLIP_JAX_COORDINATOR is unset."""
+  if not env.get("SIGLIP_JAX_COORDINATOR"):
     return None
-  return dict(coordinator_address=env["SIGLIP_JAX_COORDINATOR"],
-              num_processes=_int_env("SIGLIP_JAX_NUM_PROCESSES"),
-              process_id=_int_env("SIGLIP_JAX_PROCESS_ID"))
+  address = env["SIGLIP_JAX_COORDINATOR"]
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise DistributedError(f"SIGLIP_JAX_COORDINATOR={address!r} must be host:port")
+  num = _int_env(env, "SIGLIP_JAX_NUM_PROCESSES")
+  pid = _int_env(env, "SIGLIP_JAX_PROCESS_ID")
+  if num < 1 or not 0 <= pid < num:
+    raise DistributedError(f"SIGLIP_JAX_PROCESS_ID={pid} must be in [0, "
+                           f"SIGLIP_JAX_NUM_PROCESSES={num})")
+  settings = dict(coordinator_address=address, num_processes=num, process_id=pid)
+  local = env.get("SIGLIP_JAX_LOCAL_DEVICES", "").strip()
+  if local:
+    try:
+      settings["local_device_ids"] = [int(x) for x in local.split(",")]
+    except ValueError:
+      raise DistributedError(f"SIGLIP_JAX_LOCAL_DEVICES={local!r} must be comma-separated "
+                             "integers") from None
+  return settings
 
 
-def initialize():
-  """Joins the job if the environment describes one; returns the process count."""
+def _cluster_types():
+  try:  # private, but it is what jax.distributed.initialize() itself consults
+    from jax._src import clusters
+    return list(clusters.ClusterEnv._cluster_types)
+  except (ImportError, AttributeError):
+    return None
+
+
+def detect_cluster(env=os.environ):
+  """The name of the cluster JAX would join here, or None (single process)."""
+  choice = env.get("SIGLIP_JAX_CLUSTER", "auto").strip().lower() or "auto"
+  if choice == "none":
+    return None
+  types = _cluster_types()
+  if types is None:  # a JAX without the detectors' registry: guess from the usual variables
+    if choice != "auto":
+      return choice
+    return "auto" if any(k in env for k in _CLUSTER_HINTS) else None
+  if choice != "auto":
+    names = sorted(t.name for t in types if t.name)
+    if choice not in names:
+      raise DistributedError(f"SIGLIP_JAX_CLUSTER={choice!r} is unknown; use auto, none or "
+                             f"one of {', '.join(names)}")
+    return choice
+  for cluster in types:
+    if cluster.opt_in_only_method:
+      continue
+    try:
+      if cluster.is_env_present():
+        return cluster.name or cluster.__name__
+    except Exception:  # a half-configured environment (k8s without API access): not this one
+      continue
+  return None
+
+
+def _resolve_cluster(name, timeout):
+  """Coordinator, process count, id and local devices as JAX's detector `name` reads them."""
+  from jax._src import clusters
+  try:
+    address, num, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, name, timeout)
+  except Exception as e:
+    raise DistributedError(f"the environment looks like a {name} cluster, but its job layout "
+                           f"could not be read: {_first_line(e)} (SIGLIP_JAX_CLUSTER=none "
+                           "runs a single process)") from e
+  if address is None or num is None or pid is None:
+    raise DistributedError(f"the environment looks like a {name} cluster, but it names no "
+                           "coordinator/process count/process id (SIGLIP_JAX_CLUSTER=none runs "
+                           "a single process)")
+  settings = dict(coordinator_address=address, num_processes=num, process_id=pid,
+                  cluster_detection_method=name)
+  if local is not None:
+    settings["local_device_ids"] = list(local)
+  return settings
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0] if text else repr(e)
+
+
+def _probe(address, timeout=1.0):
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")
+  try:
+    with socket.create_connection((host, int(port)), timeout=timeout):
+      return True
+  except (OSError, ValueError):
+    return False
+
+
+def _join_failure_message(settings, timeout):
+  address, num, pid = (settings["coordinator_address"], settings["num_processes"],
+                       settings["process_id"])
+  if pid == 0:
+    why = (f"this process runs the coordinator at {address}, but not all {num} processes "
+           "joined it (did the others start, with the same SIGLIP_JAX_COORDINATOR?)")
+  elif _probe(address):
+    why = (f"the coordinator at {address} answers, but not all {num} processes joined it "
+           "(did every process start, with the same process count?)")
+  else:
+    why = (f"nothing answers at the coordinator address {address}: is process 0 running, and "
+           "is that address reachable from this host?")
+  return (f"process {pid} of {num} could not join the distributed job within {timeout}s: "
+          f"{why} (SIGLIP_JAX_INIT_TIMEOUT sets the wait)")
+
+
+def _init_timeout(env):
+  raw = env.get("SIGLIP_JAX_INIT_TIMEOUT", str(DEFAULT_TIMEOUT))
+  try:
+    timeout = int(float(raw))
+  except ValueError:
+    raise DistributedError(f"SIGLIP_JAX_INIT_TIMEOUT={raw!r} must be a number of seconds") \
+        from None
+  if timeout <= 0:
+    raise DistributedError(f"SIGLIP_JAX_INIT_TIMEOUT={raw!r} must be positive")
+  return timeout
+
+
+def initialize(env=None):
+  """Joins the job if the environment describes one; returns the process count.
+
+  Call before anything touches a device. Raises DistributedError for a bad job description; a
+  join that does not complete within SIGLIP_JAX_INIT_TIMEOUT seconds prints one `error: ...`
+  line to stderr and exits the process with status 1 (the join is a blocking native call that
+  Python cannot interrupt, and JAX's own deadline aborts with a core dump).
+  """
+  env = os.environ if env is None else env
   if jax.distributed.is_initialized():
     return jax.process_count()
-  settings = explicit_settings()
-  cluster = any(k in os.environ for k in _CLUSTER_HINTS)
-  if settings is None and not cluster:
+  settings = explicit_settings(env)
+  cluster = None if settings is not None else detect_cluster(env)
+  if settings is None and cluster is None:
     return 1
-  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or settings is not None:
+  timeout = _init_timeout(env)
+  explicit = settings is not None
+  if not explicit:
+    if _cluster_types() is None:  # no detector registry to read: JAX's plain auto-detection
+      settings = {} if cluster == "auto" else dict(cluster_detection_method=cluster)
+    else:
+      settings = _resolve_cluster(cluster, timeout)
+  if explicit or env.get("JAX_PLATFORMS", "").startswith("cpu"):
     # CPU devices talk across processes through gloo (the default is none).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  timeout = int(os.environ.get("SIGLIP_JAX_INIT_TIMEOUT", "120"))
-  kwargs = dict(settings or {}, initialization_timeout=timeout)
+
+  watchdog = None
+  if "coordinator_address" in settings:
+    def give_up():
+      print(f"error: {_join_failure_message(settings, timeout)}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(1)
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
   try:
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**settings,
+                               initialization_timeout=timeout + _JAX_DEADLINE_SLACK)
   except Exception as e:  # name what failed; the raw error is a long gRPC message
-    where = kwargs.get("coordinator_address", "auto-detected")
-    raise RuntimeError(f"could not join the distributed job (coordinator {where}, "
-                       f"timeout {timeout}s): {str(e).splitlines()[0] if str(e) else e!r}") from e
+    where = settings.get("coordinator_address", "auto-detected")
+    raise DistributedError(f"could not join the distributed job (coordinator {where}, "
+                           f"timeout {timeout}s): {_first_line(e)}") from e
+  finally:
+    if watchdog is not None:
+      watchdog.cancel()
   return jax.process_count()

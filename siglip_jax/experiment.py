@@ -6,7 +6,7 @@ naming the config key.
 """
 import numpy as np
 
-from siglip_jax import losses, models, optim
+from siglip_jax import losses, models, optim, perf
 from siglip_jax.models import text as text_model, vit
 
 
@@ -66,6 +66,10 @@ def check_config(config, num_devices=None):
   if num_devices is not None and config.input.batch_size % num_devices:
     raise ConfigError(f"config key `input.batch_size`: {config.input.batch_size} is not "
                       f"divisible by the {num_devices} devices")
+  try:
+    perf.parse_steps(config.get("profile_steps", ""))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.get("optim") is not None:
     try:
       optim.make_schedule(config.optim, config.total_steps)
@@ -89,8 +93,24 @@ def resolve_variant(tower_cfg, key):
 
 def make_tokenizer(config):
   from siglip_jax.data import tokenizer
-  path = config.input.get("tokenizer", "") or None
-  return tokenizer.Tokenizer(path)
+  inp = config.input
+  path = inp.get("tokenizer", "") or None
+  pad_id = inp.get("pad_id", -1)   # -1: the EOS mode's default (ml_collections has no None)
+  # The data pipeline's text options too, so evaluators tokenize prompts as training did.
+  return tokenizer.Tokenizer(path, lowercase=inp.get("lowercase", True),
+                             strip_punctuation=inp.get("strip_punctuation", False),
+                             eos=inp.get("eos", "sticky"),
+                             pad_id=None if pad_id is None or pad_id < 0 else pad_id)
+
+
+def portable_attention(config, platform):
+  """For bench/preflight on a machine without the config's GPU: cuDNN attention lowers only on
+  NVIDIA GPUs, so elsewhere it becomes XLA's (same math). Returns a note saying so, or None."""
+  if platform != "gpu" and config.model.get("attention_impl") == "cudnn":
+    config.model.attention_impl = ""
+    return ("model.attention_impl='cudnn' replaced by XLA attention on this "
+            f"{platform} backend (the fused kernel keeps no attention matrix)")
+  return None
 
 
 def make_model(config, vocab_size):
@@ -112,8 +132,37 @@ def make_train_source(config):
     from siglip_jax.data import shapes
     ds = shapes.ShapesDataset(seed=config.seed, image_size=config.input.image_size)
     return ds.train_examples
-  raise ConfigError(f"config key `input.data`: {data!r} needs the data pipeline "
-                    "(siglip_jax.data.pipeline)")
+  if data in _PIPELINE_KINDS:
+    from siglip_jax.data import pipeline
+    return _config_errors(pipeline.examples_fn, config)
+  raise ConfigError(f"config key `input.data`: {data!r} has no index-based source")
+
+
+_PIPELINE_KINDS = ("webdataset", "tfds", "folder")   # read through siglip_jax.data.pipeline
+
+
+def _config_errors(fn, *args):
+  """Bad data settings (no shards match, an unprepared TFDS set) as one-line ConfigErrors."""
+  try:
+    return fn(*args)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"config key `input` (input.data={args[0].input.get('data')!r}): "
+                      f"{e}") from None
+
+
+def make_train_data(config, tokenizer, sharding, data_state=None):
+  """The trainer's batch iterator, starting at `data_state` ({"data_position": next step,
+  "data_skipped": running skip total}, as checkpoints keep it; {} for a fresh run)."""
+  data_state = data_state or {}
+  if config.input.get("data", "shapes") in _PIPELINE_KINDS:
+    from siglip_jax.data import pipeline
+    return _config_errors(pipeline.make_batches, config, sharding, data_state)
+  from siglip_jax.data import batches
+  return batches.IndexedBatches(
+      make_train_source(config), tokenizer, text_len=config.input.text_len,
+      global_batch=config.input.batch_size, sharding=sharding,
+      start_step=int(data_state.get("data_position", 0)),
+      prefetch=config.input.get("prefetch", 2))
 
 
 def make_evaluators(config):
@@ -123,8 +172,18 @@ def make_evaluators(config):
     if kind == "shapes":
       from siglip_jax.data import shapes
       from siglip_jax.evaluators.shapes import ShapesEvaluator
-      ds = shapes.ShapesDataset(seed=config.seed, image_size=config.input.image_size)
+      # num_heldout / num_unseen: a smaller set where the shapes are only a smoke check.
+      ds = shapes.ShapesDataset(seed=config.seed, image_size=config.input.image_size,
+                                num_heldout=cfg.get("num_heldout", 512),
+                                num_unseen=cfg.get("num_unseen", 512))
       evals.append(ShapesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name))
+    elif kind in ("zeroshot", "retrieval"):
+      import importlib  # their sources may need optional packages (tensorflow_datasets)
+      module = importlib.import_module(f"siglip_jax.evaluators.{kind}")
+      try:
+        evals.append(module.from_config(name, cfg))
+      except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"config key `evals.{name}`: {e}") from None
     else:
       raise ConfigError(f"config key `evals.{name}.kind`: {kind!r} is unknown")
   return evals

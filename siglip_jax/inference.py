@@ -1,9 +1,14 @@
 """The SigLIP inference handle: encode images and texts, with the learned scale and bias.
 
-Used by `siglip_jax.load`, by the evaluators during training and by the notebook. Inputs are
-cut into fixed-size batches (the last one padded) so each tower compiles once; with a mesh,
-each batch is sharded over its batch axes, each process giving its own slice.
+Used by `siglip_jax.load` (`load` below: a workdir, checkpoint, big_vision `.npz` or HF folder),
+by the evaluators during training and by the notebook. Inputs are cut into fixed-size batches
+(the last one padded) so each tower compiles once; with a mesh, each batch is sharded over its
+batch axes, each process giving its own slice.
 """
+import logging
+import os
+from typing import NamedTuple
+
 import numpy as np
 
 import jax
@@ -92,3 +97,65 @@ class SigLIP:
 
   def encode_strings(self, texts):
     return self.encode_text(self.tokenize(texts))
+
+
+# ------------------------------------------------------------------ load(path)
+
+class Source(NamedTuple):
+  """A model read from disk: per-layer params {name: float32 array}, its spec (see
+  `interop.big_vision`), a SentencePiece path or None, and what kind of source it was."""
+  params: dict
+  spec: dict
+  tokenizer_path: str | None
+  kind: str   # "checkpoint" | "big_vision" | "hf"
+
+
+def _checkpoint_source(path):
+  from siglip_jax import checkpoint
+  from siglip_jax.data import tokenizer as tok
+  from siglip_jax.interop import big_vision
+  flat = big_vision.unscan(checkpoint.read_params(path))
+  cfg = checkpoint.read_config(path)
+  model, inp = cfg.get("model") or {}, cfg.get("input") or {}
+  img, txt = model.get("image") or {}, model.get("text") or {}
+  # What arrays cannot tell (gap vs "0" pooling, a sincos posemb's size) comes from the run.
+  spec = big_vision.infer_spec(
+      flat, image={"pool_type": img.get("pool_type", "map"), "posemb": img.get("posemb", "learn")},
+      text={"pool_type": txt.get("pool_type", "last")},
+      image_size=inp.get("image_size"), text_len=inp.get("text_len"))
+  big_vision.check_params(flat, spec, f"checkpoint {path}")
+  sp = inp.get("tokenizer") or tok.DEMO_MODEL
+  if not os.path.isfile(sp):
+    logging.warning("the run's tokenizer %s is not on this machine: no tokenize()", sp)
+    sp = None
+  return Source(flat, spec, sp, "checkpoint")
+
+
+def read_source(path):
+  """A training workdir, a checkpoint folder, a big_vision `.npz` or an HF SigLIP folder."""
+  from siglip_jax.interop import big_vision, hf
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such file or folder: {path}")
+  if os.path.isfile(path):
+    if not path.endswith(".npz"):
+      raise ValueError(f"{path}: a file must be a big_vision .npz checkpoint")
+    return Source(*big_vision.load_npz(path), None, "big_vision")
+  if hf.is_hf_folder(path):
+    return Source(*hf.load(path), "hf")
+  return _checkpoint_source(path)
+
+
+def load(path, *, batch_size=64):
+  """The SigLIP handle (single device, float32) for whatever `read_source` reads."""
+  from flax import traverse_util
+  from siglip_jax.data import tokenizer as tok
+  from siglip_jax.interop import big_vision
+  src = read_source(path)
+  nested = traverse_util.unflatten_dict(
+      {tuple(k.split("/")): jnp.asarray(v) for k, v in src.params.items()})
+  tokenizer = tok.Tokenizer(src.tokenizer_path) if src.tokenizer_path else None
+  spec = src.spec
+  return SigLIP(big_vision.make_model(spec), nested, image_size=spec["image_size"],
+                text_len=spec["text_len"], vocab_size=spec["text"]["vocab_size"],
+                tokenizer=tokenizer, batch_size=batch_size, config=spec)

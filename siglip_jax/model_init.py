@@ -19,10 +19,11 @@ _log = logging.getLogger(__name__)
 
 def _read_params(path):
   """{name: np.ndarray} of the weights at `path`. The one place that knows source formats:
-  a siglip_jax workdir (latest checkpoint) or one DIR/checkpoints/<step>/ folder today;
-  a big_vision `.npz` branch goes here."""
+  a siglip_jax workdir (latest checkpoint), one DIR/checkpoints/<step>/ folder, or a big_vision
+  SigLIP `.npz` (published layout, either block layout; never unpickled)."""
   if str(path).endswith(".npz"):
-    raise ValueError(f"model_init={path}: big_vision .npz files are not supported yet")
+    from siglip_jax.interop import big_vision
+    return big_vision.read_params(path)
   return checkpoint.read_params(path)
 
 
@@ -64,6 +65,10 @@ def load_init_params(path, init_params, *, dont_load=()):
   patterns = [re.compile(p) for p in dont_load]
   loaded = _read_params(path)
   flat, treedef = jax.tree_util.tree_flatten_with_path(init_params)
+  # Scanned (`encoderblock`, leading depth axis) and per-layer (`encoderblock_N`) blocks are the
+  # same weights: bring the file's blocks to the model's layout before matching names.
+  from siglip_jax.interop import big_vision
+  loaded = big_vision.match_layout(loaded, [mesh_lib.path_str(k) for k, _ in flat])
   out, missing, mismatched, resampled, kept = [], [], [], [], []
   for key_path, init in flat:
     name = mesh_lib.path_str(key_path)

@@ -26,7 +26,7 @@ def main(argv):
   try:
     distributed.initialize()
     trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (experiment.ConfigError, trainer.TrainingError) as e:
+  except (experiment.ConfigError, trainer.TrainingError, distributed.DistributedError) as e:
     sys.exit(f"error: {e}")
 
 

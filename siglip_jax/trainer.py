@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, optim, step
-from siglip_jax.data import batches
+from siglip_jax import perf
 
 
 class TrainingError(RuntimeError):
@@ -16,11 +16,14 @@ class TrainingError(RuntimeError):
 def build(config, workdir=None):
   """Everything a run needs before its first step; the checks come before any compiling."""
   experiment.check_config(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh)
+  except ValueError as e:
+    raise experiment.ConfigError(f"config key `mesh`: {e}") from None
   try:
     mesh_lib.check_batch_size(config.input.batch_size, mesh)
   except ValueError as e:
-    raise experiment.ConfigError(str(e)) from None
+    raise experiment.ConfigError(str(e)) from None  # names input.batch_size
   tokenizer = experiment.make_tokenizer(config)
   model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
   size, length = config.input.image_size, config.input.text_len
@@ -32,7 +35,10 @@ def build(config, workdir=None):
   init = functools.partial(step.init_state, model, tx)
   abstract_state = jax.eval_shape(init, jax.random.key(config.seed), example)
   rules = config.get("sharding_rules", ((".*", "replicate"),))
-  state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules)
+  try:
+    state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules)
+  except ValueError as e:
+    raise experiment.ConfigError(f"config key `sharding_rules`: {e}") from None
   batch_sharding = mesh_lib.batch_sharding(mesh)
   data_sharding = {"image": batch_sharding, "text": batch_sharding}
   loss_fn = step.make_loss_fn(config.loss.kind, mesh)
@@ -55,7 +61,9 @@ def initial_state(config, parts, ckpt):
   target = _with_shardings(parts["abstract_state"], parts["state_sharding"])
   if ckpt.latest_step() is not None:
     state, extra = ckpt.restore(target)
-    return state, int(extra.get("data_position", int(state.step)))
+    # The data loader's resume point: next step and running skip total (data/skipped).
+    return state, {"data_position": int(extra.get("data_position", int(state.step))),
+                   "data_skipped": int(extra.get("data_skipped", 0))}
   state = parts["init"](jax.random.key(config.seed), _zeros_like_batch(config))
   if config.model_init:
     from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
@@ -64,7 +72,7 @@ def initial_state(config, parts, ckpt):
     state = state.replace(params=params,
                           opt_state=jax.jit(parts["tx"].init, out_shardings=parts[
                               "state_sharding"].opt_state)(params))
-  return state, 0
+  return state, {}
 
 
 def _zeros_like_batch(config):
@@ -101,7 +109,7 @@ def train(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, config=config)
-  state, position = initial_state(config, parts, ckpt)
+  state, data_state = initial_state(config, parts, ckpt)
   first = int(jax.device_get(state.step))
   total = config.total_steps
   writer = metrics.make_writers(workdir, is_main)
@@ -110,29 +118,33 @@ def train(config, workdir):
     print(f"siglip_jax: {jax.device_count()} devices x {jax.process_count()} processes, mesh "
           f"{dict(parts['mesh'].shape)}, {'resuming at step ' + str(first) if first else 'from scratch'}",
           flush=True)
-  data = batches.IndexedBatches(
-      experiment.make_train_source(config), parts["tokenizer"], text_len=config.input.text_len,
-      global_batch=config.input.batch_size, sharding=parts["batch_sharding"],
-      start_step=position, prefetch=config.input.get("prefetch", 2))
+  data = experiment.make_train_data(config, parts["tokenizer"], parts["batch_sharding"],
+                                    data_state)
   progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
+  perf_meter = perf.PerfMeter(config, parts["model"], enabled=is_main)
+  profiler = perf.StepProfiler(config.get("profile_steps", ""), workdir)
   final = {}
   wait_s = 0.0
   try:
     for step_no in range(first + 1, total + 1):
       _, batch, wait = next(data)
       wait_s += wait
+      profiler.before_step(step_no)
       state, step_metrics = parts["train_step"](state, batch)
+      profiler.after_step(step_no, state)
       last = step_no == total
       if step_no % config.log_every_steps == 0 or last:
         _check_finite(state)
         host = jax.device_get(step_metrics)
         pairs_per_s = progress.update(step_no, float(host["train/loss"]))
-        host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s})
+        host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s,
+                     "data/skipped": data.skipped_total(),
+                     **perf_meter.metrics(pairs_per_s)})
         wait_s = 0.0
         writer.write(step_no, host)
       if ckpt.should_save(step_no, last=last) or ckpt.reached_preemption(step_no):
         _check_finite(state)
-        ckpt.save(step_no, state, {"data_position": data.position})
+        ckpt.save(step_no, state, data.state())
         if ckpt.reached_preemption(step_no) and not last:
           ckpt.wait()
           if is_main:
@@ -142,6 +154,7 @@ def train(config, workdir):
       if last:
         final = results
   finally:
+    profiler.stop()
     data.close()
     ckpt.close()
     writer.close()

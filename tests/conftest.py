@@ -49,3 +49,15 @@ def run_module(module, args, *, devices=1, timeout=300, check=True, env=None):
 @pytest.fixture
 def repo():
   return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One tiny demo run shared by the evaluation and observability tests (evaluate CLI, metric
+  names, TensorBoard events, profiler trace, notebook): 6 steps on 2 devices, logged every 2
+  steps, checkpoints at 3 and 6, a profiler trace of steps 2..3. Returns {"workdir", "stdout"}."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  proc = run_module("siglip_jax.train", TINY_DEMO + [
+      f"--workdir={workdir}", "--config.total_steps=6", "--config.log_every_steps=2",
+      "--config.checkpoint.every_steps=3", "--config.profile_steps=2,3"], devices=2)
+  return {"workdir": workdir, "stdout": proc.stdout}

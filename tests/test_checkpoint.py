@@ -167,6 +167,18 @@ def test_damaged_latest_falls_back_with_a_warning(tmp_path, caplog):
   assert _steps(tmp_path) == [2, 4]
 
 
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+  state = _state(_mesh(1))
+  _save(tmp_path, [2], state)
+  for f in glob.glob(str(tmp_path / "checkpoints/2/state/**/d/*"), recursive=True):
+    os.remove(f)
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+  with pytest.raises(RuntimeError, match="no readable checkpoint .* step 2: "):
+    ckpt.restore(_target(state, _mesh(1)))
+  ckpt.close()
+  assert _steps(tmp_path) == [2] and not os.path.exists(tmp_path / "checkpoints.damaged")
+
+
 def test_mismatched_target_names_params_and_touches_nothing(tmp_path):
   state = _state(_mesh(1))
   _save(tmp_path, [2, 4], state)

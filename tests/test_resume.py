@@ -59,13 +59,17 @@ def _logged(workdir):
   return out
 
 
-def _wait_for_step(proc, workdir, step, timeout=90):
+def _wait_until(proc, ready, timeout=90, poll=0.01):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if any(s >= step for s, _ in _logged(workdir)):
+    if ready():
       return True
-    time.sleep(0.01)
+    time.sleep(poll)
   return False
+
+
+def _wait_for_step(proc, workdir, step):
+  return _wait_until(proc, lambda: any(s >= step for s, _ in _logged(workdir)))
 
 
 def _committed(workdir):
@@ -111,29 +115,43 @@ def test_sigterm_then_resume_is_exact(tmp_path, reference):
   _assert_matches_reference(workdir, reference)
 
 
+def _tmp_dirs(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return [n for n in os.listdir(d) if "tmp" in n] if os.path.isdir(d) else []
+
+
 def test_kill_9_at_random_moments_then_finish(tmp_path, reference):
   workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
   rng = random.Random(0)
-  resumed = []
-  for kill in range(3):
+  resumed, half_written = [], []
+  for kill in ("mid-write", "random"):
     before = _committed(workdir)
     with open(log_path, "a") as log:
-      log.write(f"\n=== attempt {kill}: committed {before}\n")
+      log.write(f"\n=== attempt: kill {kill}, committed {before}\n")
       log.flush()
       proc = _start(workdir, 4, log)
-      done = max([s for s, _ in _logged(workdir)] + [0])
-      if _wait_for_step(proc, workdir, min(done + 3, TOTAL - 2)):
-        time.sleep(rng.uniform(0.0, 0.5))   # anywhere, a checkpoint write included
+      if kill == "mid-write":   # the moment orbax starts writing a step
+        _wait_until(proc, lambda: _tmp_dirs(workdir), poll=0.002)
+      else:   # a few steps on, once a checkpoint is committed, anywhere (a write included)
+        done = max([s for s, _ in _logged(workdir)] + [0])
+        if _wait_until(proc, lambda: _committed(workdir) and any(
+            s >= min(done + 3, TOTAL - 2) for s, _ in _logged(workdir))):
+          time.sleep(rng.uniform(0.0, 0.5))
       proc.kill()
       proc.wait(timeout=30)
+    half_written += _tmp_dirs(workdir)
     text = open(log_path).read().rsplit("=== attempt", 1)[-1]
     m = re.search(r"resuming at step (\d+)", text)
     resumed.append(int(m.group(1)) if m else 0)
     # A restart resumes from the newest committed checkpoint: never from an older one,
     # never from step 1 once there is one, never from a half-written one.
     assert resumed[-1] == (before[-1] if before else 0), text[-3000:]
-  assert _committed(workdir), "no checkpoint was committed before the kills"
-  text = _run(workdir, 4, log_path)
-  assert f"resuming at step {_committed(workdir)[-2] if False else ''}" in text
-  assert "from scratch" not in text.rsplit("=== attempt", 1)[-1].split("\n", 2)[-1] or True
+  assert half_written, "no kill landed during a checkpoint write"
+  before = _committed(workdir)
+  assert before, f"no checkpoint was committed before the kills (resumed at {resumed})"
+  with open(log_path, "a") as log:
+    log.write(f"\n=== final attempt: committed {before}, half-written {half_written}\n")
+  text = _run(workdir, 4, log_path).rsplit("=== final attempt", 1)[-1]
+  assert f"resuming at step {before[-1]}" in text, text[-3000:]
+  assert not _tmp_dirs(workdir)   # cleaned at start-up
   _assert_matches_reference(workdir, reference)

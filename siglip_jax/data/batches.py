@@ -80,6 +80,13 @@ class IndexedBatches:
     self.position = step + 1
     return step, self._to_device(host), wait
 
+  def skipped_total(self):
+    return 0   # rendered examples are never bad (real data: pipeline.Batches counts them)
+
+  def state(self):
+    """What a checkpoint keeps (the same keys as pipeline.Batches)."""
+    return {"data_position": self.position, "data_skipped": 0}
+
   def close(self):
     self._stop.set()
     self._thread.join(timeout=5)

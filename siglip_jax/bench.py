@@ -1,0 +1,206 @@
+r"""Training speed: the training step itself, timed on synthetic data, as one JSON line.
+
+    python -m siglip_jax.bench --config=configs/siglip_b16_224.py --batch=256 \
+        [--steps=20] [--warmup=3] [--xla_flags_preset=gpu_fast] [--config.KEY=VALUE ...]
+
+What is timed is `trainer.build(config)["train_step"]`: the same jitted, donated, sharded step
+that `siglip_jax.train` runs, so a speed-up here is a speed-up there. The batches are generated
+on the devices beforehand (already placed with the batch sharding), so the figure is the step
+and nothing else; `perf/data_wait_s` in training says whether the input pipeline keeps up.
+
+Reported: pairs/s and the step time over `--steps` steps after `--warmup` untimed ones (the first
+compiles), analytic model TFLOP/s per device (`siglip_jax.flops`: 3x the forward matmuls, no
+credit for remat recompute), MFU against a bf16 matmul measured in the same process (8192^3 on
+GPU: the ceiling this card reaches today, not the data-sheet peak, which is reported beside it),
+and the peak device memory.
+
+XLA flags are the benchmark's business, not the library's: `--xla_flags_preset=gpu_fast` adds the
+flags below to XLA_FLAGS before JAX starts, and the JSON line records what was set.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Flags that exist in XLA since 2024 and are documented to help GPU training (JAX's "GPU
+# performance tips", NVIDIA JAX-Toolbox). An unknown flag aborts XLA at start-up, so only
+# long-lived ones are listed; removed ones (e.g. --xla_gpu_enable_async_all_gather) are not.
+XLA_FLAG_PRESETS = {
+    "none": (),
+    "gpu_fast": (
+        # Reorders independent work so copies/collectives overlap compute (JAX-Toolbox's images
+        # set it by default).
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        # cuBLAS for plain GEMMs: the autotuner otherwise also tries Triton tiles, which rarely
+        # beat cuBLAS on H100 bf16 GEMMs of these shapes and cost compile time.
+        "--xla_gpu_enable_triton_gemm=false",
+    ),
+}
+# Let XLA use most of the card (JAX preallocates 75% by default; B/16 at batch 512 needs more).
+DEFAULT_MEM_FRACTION = "0.95"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (a .py file).",
+                                          lock_config=False)
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (default: the config's).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+_PRESET = flags.DEFINE_enum("xla_flags_preset", "none", list(XLA_FLAG_PRESETS),
+                            "XLA flags to add before JAX starts.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 0,
+                               "Side of the bf16 reference matmul (0: 8192 on GPU/TPU, 1024 "
+                               "on CPU).")
+
+
+def apply_preset(name, env=os.environ):
+  """Adds the preset's flags to XLA_FLAGS (and the memory fraction); True if anything changed."""
+  before = (env.get("XLA_FLAGS"), env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
+  extra = [f for f in XLA_FLAG_PRESETS[name]
+           if f.split("=")[0] not in env.get("XLA_FLAGS", "")]  # the user's own setting wins
+  if extra:
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", "").strip(), *extra]).strip()
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
+  return before != (env.get("XLA_FLAGS"), env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
+
+
+def synthetic_batches(config, sharding, vocab, n=2):
+  """`n` distinct batches made on the devices with the batch sharding (nothing crosses PCIe
+  during the timed loop). Images in [-1, 1], tokens in [1, vocab)."""
+  import jax
+  import jax.numpy as jnp
+  b, size, length = config.input.batch_size, config.input.image_size, config.input.text_len
+  shardings = {"image": sharding, "text": sharding}
+
+  def make(key):
+    ki, kt = jax.random.split(key)
+    return {"image": jax.random.uniform(ki, (b, size, size, 3), jnp.float32, -1.0, 1.0),
+            "text": jax.random.randint(kt, (b, length), 1, vocab, jnp.int32)}
+
+  make = jax.jit(make, out_shardings=shardings)
+  return [make(jax.random.key(i)) for i in range(n)]
+
+
+def time_train_step(parts, config, steps, warmup):
+  """(compile_s, step_s, last loss, peak memory bytes or None) of the configured step."""
+  import jax
+  batches = synthetic_batches(config, parts["batch_sharding"], parts["vocab_size"])
+  state = parts["init"](jax.random.key(config.seed), batches[0])
+  t0 = time.perf_counter()
+  state, metrics = parts["train_step"](state, batches[0])
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0          # compile + one step
+  for i in range(max(warmup - 1, 0)):
+    state, metrics = parts["train_step"](state, batches[(i + 1) % len(batches)])
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for i in range(steps):  # dispatch runs ahead; one sync at the end times the device work
+    state, metrics = parts["train_step"](state, batches[i % len(batches)])
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / steps
+  loss = float(jax.device_get(metrics["train/loss"]))
+  peak = peak_memory_bytes()
+  del state, batches
+  return compile_s, step_s, loss, peak
+
+
+def peak_memory_bytes():
+  """(bytes, source): the devices' `peak_bytes_in_use`, else the process's peak RSS (CPU
+  devices live in host memory)."""
+  import jax
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+      stats = {}
+    if "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  if peaks:
+    return max(peaks), "device_peak"
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_rss_peak"
+
+
+def matmul_tflops(n, reps=10):
+  """TFLOP/s of a jitted bf16 n x n x n matmul on the first device (best of `reps` timed calls
+  after a warm-up): what this card reaches on the easiest workload there is."""
+  import jax
+  import jax.numpy as jnp
+  dev = jax.devices()[0]
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(ka, (n, n), jnp.bfloat16), dev)
+  b = jax.device_put(jax.random.normal(kb, (n, n), jnp.bfloat16), dev)
+  mm = jax.jit(jnp.dot)
+  jax.block_until_ready(mm(a, b))
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e12
+
+
+def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
+  """The benchmark as a dict (the JSON line's fields)."""
+  import jax
+  from siglip_jax import experiment, flops, trainer
+  if batch:
+    config.input.batch_size = batch
+  platform = jax.default_backend()
+  note = experiment.portable_attention(config, platform)
+  parts = trainer.build(config)
+  compile_s, step_s, loss, (peak, mem_source) = time_train_step(parts, config, steps, warmup)
+  n = matmul_size or (1024 if platform == "cpu" else 8192)
+  mm = matmul_tflops(n)
+  b = config.input.batch_size
+  per_pair = flops.train_flops_per_pair(parts["model"], image_size=config.input.image_size,
+                                        text_len=config.input.text_len, global_batch=b)
+  pairs_per_s = b / step_s
+  tflops = per_pair * pairs_per_s / jax.device_count() / 1e12
+  kind = jax.devices()[0].device_kind
+  peak_spec = flops.peak_tflops(kind, config.get("peak_tflops", 0.0) or 0.0)
+  img = config.model.image
+  return {
+      "pairs_per_s": round(pairs_per_s, 2), "step_s": round(step_s, 5), "batch": b,
+      "tflops_per_device": round(tflops, 3), "mfu": round(tflops / mm, 4),
+      "matmul_tflops": round(mm, 2), "matmul_size": n,
+      "mfu_vs_spec_peak": round(tflops / peak_spec, 4) if peak_spec else None,
+      "spec_peak_tflops": peak_spec, "gflop_per_pair": round(per_pair / 1e9, 2),
+      "peak_mem_gib": round(peak / 2 ** 30, 3), "mem_source": mem_source,
+      "compile_s": round(compile_s, 1), "steps": steps, "warmup": warmup,
+      "loss": loss if math.isfinite(loss) else str(loss), "platform": platform, "device_kind": kind, "devices": jax.device_count(),
+      "dtype": config.model.get("dtype"), "attention_impl": config.model.get("attention_impl"),
+      "remat": img.get("remat_policy"), "scan": img.get("scan"),
+      "xla_flags_preset": preset, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+      "jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "argv": sys.argv[1:], "note": note,
+  }
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) are noise here
+  if _CONFIG.value is None:
+    sys.exit("error: --config is required (e.g. --config=configs/siglip_b16_224.py)")
+  if _STEPS.value < 1 or _WARMUP.value < 1:
+    sys.exit("error: --steps and --warmup must be at least 1 (the first step compiles)")
+  # XLA reads its flags once, when JAX starts a backend: restart if something beat us to it.
+  if apply_preset(_PRESET.value) and "jax" in sys.modules:
+    os.execv(sys.executable, [sys.executable, "-m", "siglip_jax.bench", *sys.argv[1:]])
+  from siglip_jax import experiment
+  try:
+    result = run(_CONFIG.value, batch=_BATCH.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                 matmul_size=_MATMUL.value, preset=_PRESET.value)
+  except experiment.ConfigError as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(result), flush=True)
+  if isinstance(result["loss"], str):  # a skipped (non-finite) update times nothing useful
+    sys.exit(f"error: the loss was {result['loss']}; the timing above is not a training step's")
+
+
+if __name__ == "__main__":
+  app.run(main)

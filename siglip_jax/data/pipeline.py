@@ -1,0 +1,287 @@
+"""The Grain loader: global batches of real data, deterministic, per-process, resumable.
+
+The one rule: step s's global batch is a pure function of (seed, s), whatever the process
+count, so a run resumes at the exact example and scales without changing what it trains on.
+
+- The stream of "slots" 0, 1, 2, ... is cut into epochs of N (= the source's length) slots;
+  slot k = e*N + i holds record `perm_e(i)`, a pseudo-random permutation of [0, N) drawn
+  afresh each epoch (a Feistel network: O(1) memory at any N, no table to build or agree on).
+- Step s's global batch is slots [s*B, (s+1)*B); a process loads only the rows its devices hold.
+- A bad record (see `preprocess.REASONS`) in slot k is replaced by `perm_e(j)` for a j drawn from
+  (seed, e, i, attempt): deterministic, so every process count picks the same replacement, and
+  far from i, so the duplicate rarely lands in the same batch (a repeated pair would be its own
+  negative under the sigmoid loss). Every skip counts in `data/skipped`. Within an epoch each
+  usable record appears once, plus one duplicate per bad record met.
+- Grain: a `MapDataset` over step numbers (so worker slicing can never reorder rows inside a
+  batch), a thread pool per process decoding a batch's rows in parallel (PIL releases the GIL),
+  `to_iter_dataset` prefetch, and `mp_prefetch` worker processes when `input.workers > 0`.
+- The position is the next step (an int, what checkpoints already store); the running skip
+  total travels beside it as `data_skipped`.
+"""
+import collections
+import logging
+import time
+from concurrent import futures
+
+import jax
+import numpy as np
+
+from siglip_jax.data import batches as batches_lib
+from siglip_jax.data import preprocess as pp
+from siglip_jax.data import sources
+
+_log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 1000      # then the data set is (nearly) all bad: raise, never spin
+_LOG_FIRST_BAD = 20      # per process: name the first bad records, then only count them
+
+
+def _mix(x):
+  """splitmix64's finalizer on uint64 arrays: a cheap, well-mixing hash."""
+  with np.errstate(over="ignore"):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash(*parts):
+  """A uint64 hash of a few ints (seed, epoch, index, ...)."""
+  h = np.uint64(0x9E3779B97F4A7C15)
+  for p in parts:
+    h = _mix(h ^ np.uint64(int(p) & 0xFFFFFFFFFFFFFFFF))
+  return h
+
+
+class Permutation:
+  """`perm(epoch, i)`: a bijection of [0, n) per (seed, epoch); vectorized over i.
+
+  A balanced Feistel network on the smallest even number of bits covering n, with cycle-walking
+  (re-apply until the value falls below n; the domain is < 4n, so a few rounds on average).
+  """
+
+  ROUNDS = 6
+
+  def __init__(self, n, seed):
+    if n < 1:
+      raise ValueError("cannot permute an empty data set")
+    self.n, self.seed = int(n), int(seed)
+    bits = max(2, int(self.n - 1).bit_length())
+    self.half = (bits + 1) // 2
+    self.mask = np.uint64((1 << self.half) - 1)
+
+  def _feistel(self, x, keys):
+    h = np.uint64(self.half)
+    left, right = x >> h, x & self.mask
+    for k in keys:
+      left, right = right, left ^ (_mix(right ^ k) & self.mask)
+    return (left << h) | right
+
+  def __call__(self, epoch, i):
+    i = np.asarray(i, np.int64)
+    if self.n == 1:
+      return np.zeros_like(i)
+    keys = [_hash(self.seed, epoch, r) for r in range(self.ROUNDS)]
+    x = self._feistel(i.astype(np.uint64), keys)
+    out = x >= np.uint64(self.n)
+    while np.any(out):
+      x[out] = self._feistel(x[out], keys)
+      out = x >= np.uint64(self.n)
+    return x.astype(np.int64)
+
+
+class StepLoader:
+  """Picklable `step -> this process's rows of that step's batch` (numpy, uint8 images).
+
+  Returns {"image": uint8 [R, S, S, 3], "text": int32 [R, L], "record": int64 [R],
+  "skipped": int64 [R] (bad records met before each row's record), "step": int}.
+  """
+
+  def __init__(self, source, preprocessor, *, seed, global_batch, rows, threads=4):
+    self.source, self.pre = source, preprocessor
+    self.seed, self.global_batch = int(seed), int(global_batch)
+    self.rows = np.asarray(rows, np.int64)
+    self.n = len(source)
+    self.perm = Permutation(self.n, seed)
+    self.threads = max(1, int(threads))
+    self._pool, self._bad_logged = None, 0
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_pool"] = None      # threads do not cross process boundaries; made again lazily
+    return state
+
+  def candidates(self, slot, attempt):
+    """The record tried for `slot` at `attempt` (0: its own; then far-off replacements)."""
+    epoch, i = divmod(int(slot), self.n)
+    if attempt and self.n > 1:
+      i = (i + 1 + int(_hash(self.seed, epoch, i, attempt) % np.uint64(self.n - 1))) % self.n
+    return int(self.perm(epoch, np.array([i]))[0])
+
+  def example(self, slot, tokenize=True):
+    """(example dict, record index, list of skip reasons) for one slot."""
+    reasons = []
+    for attempt in range(min(MAX_ATTEMPTS, 10 * self.n + 10)):
+      record = self.candidates(slot, attempt)
+      raw = self.source[record]
+      try:
+        return self.pre(raw, slot, tokenize=tokenize), record, reasons
+      except pp.BadRecord as e:
+        reasons.append(e.reason)
+        if self._bad_logged < _LOG_FIRST_BAD:
+          self._bad_logged += 1
+          _log.warning("skipping record %s (%s)%s", raw.get("key", record), e,
+                       "; further bad records are only counted"
+                       if self._bad_logged == _LOG_FIRST_BAD else "")
+    counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+    raise RuntimeError(f"slot {slot}: {len(reasons)} records in a row were unusable "
+                       f"({counts}); is the data set mostly bad? "
+                       "Run python -m siglip_jax.data.check on it")
+
+  def __call__(self, step):
+    slots = int(step) * self.global_batch + self.rows
+    if self.threads > 1 and len(slots) > 1:
+      if self._pool is None:
+        self._pool = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="siglip-data")
+      results = list(self._pool.map(self.example, slots))
+    else:
+      results = [self.example(s) for s in slots]
+    size = self.pre.image_size
+    if not results:   # a process with no rows (never with today's meshes): empty arrays
+      return {"image": np.zeros((0, size, size, 3), np.uint8),
+              "text": np.zeros((0, self.pre.text_len), np.int32),
+              "record": np.zeros(0, np.int64), "skipped": np.zeros(0, np.int64),
+              "step": int(step)}
+    return {"image": np.stack([ex["image"] for ex, _, _ in results]),
+            "text": np.stack([ex["text"] for ex, _, _ in results]).astype(np.int32),
+            "record": np.array([r for _, r, _ in results], np.int64),
+            "skipped": np.array([len(why) for _, _, why in results], np.int64),
+            "step": int(step)}
+
+
+def host_batches(loader, start_step=0, *, workers=0, prefetch=2):
+  """Iterator of `loader(step)` for steps start_step, start_step + 1, ... in order: Grain's,
+  or, where Grain is not installed (it is in the [data] and [test] extras, not the core), a
+  plain thread prefetcher with the same output (worker processes need Grain)."""
+  try:
+    import grain   # pylint: disable=import-outside-toplevel
+  except ImportError:
+    if workers > 0:
+      raise ImportError("input.workers > 0 needs the grain package (pip install grain)") from None
+    return _thread_batches(loader, int(start_step), max(1, prefetch))
+  # Elements are whole steps: Grain's worker slicing and thread prefetch then cannot change
+  # which rows form a batch, only who computes it; `mp_prefetch` yields in dataset order.
+  ds = grain.MapDataset.range(int(start_step), 2**62).map(loader)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
+                                            prefetch_buffer_size=max(1, prefetch)))
+  if workers > 0:
+    from absl import flags   # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      # Grain reads its absl flags when starting workers; outside an absl app (tests, notebooks)
+      # nobody parsed them, and their defaults are what we want.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers),
+                                                     per_worker_buffer_size=max(1, prefetch)))
+  return iter(it)
+
+
+def _thread_batches(loader, step, prefetch):
+  pool = futures.ThreadPoolExecutor(prefetch, thread_name_prefix="siglip-prefetch")
+  pending = collections.deque()
+  try:
+    while True:
+      while len(pending) < prefetch:
+        pending.append(pool.submit(loader, step + len(pending)))
+      yield pending.popleft().result()
+      step += 1
+  finally:
+    for f in pending:
+      f.cancel()
+    pool.shutdown(wait=False)
+
+
+class Batches:
+  """The trainer's data iterator (same interface as `batches.IndexedBatches`): yields
+  (step, {"image": float32 [-1, 1], "text": int32} global arrays, seconds waited)."""
+
+  def __init__(self, source, preprocessor, *, global_batch, sharding, seed, start_step=0,
+               skipped=0, workers=0, threads=4, prefetch=2):
+    self.global_batch, self.sharding = int(global_batch), sharding
+    self._rows = batches_lib.local_rows(sharding, self.global_batch)
+    self._where = {int(r): i for i, r in enumerate(self._rows)}
+    self.loader = StepLoader(source, preprocessor, seed=seed, global_batch=global_batch,
+                             rows=self._rows, threads=threads)
+    self.position = int(start_step)
+    self._skipped_base, self._skipped_local = int(skipped), 0
+    self._it = host_batches(self.loader, start_step, workers=workers, prefetch=prefetch)
+    # uint8 travels to the devices; the [-1, 1] floats are made there (4x less host traffic).
+    self._normalize = jax.jit(lambda x: x.astype(np.float32) * (2.0 / 255.0) - 1.0,
+                              out_shardings=sharding)
+
+  def _global(self, x):
+    shape = (self.global_batch,) + x.shape[1:]
+
+    def piece(index):
+      rows = range(*index[0].indices(self.global_batch))
+      return x[[self._where[r] for r in rows]]
+    return jax.make_array_from_callback(shape, self.sharding, piece)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    t0 = time.perf_counter()
+    host = next(self._it)
+    wait = time.perf_counter() - t0
+    if host["step"] != self.position:   # a guard on Grain's ordering, never expected to fire
+      raise RuntimeError(f"data loader out of order: got step {host['step']}, "
+                         f"expected {self.position}")
+    self._skipped_local += int(host["skipped"].sum())
+    batch = {"image": self._normalize(self._global(host["image"])),
+             "text": self._global(host["text"])}
+    self.position += 1
+    return host["step"], batch, wait
+
+  def skipped_total(self):
+    """Records skipped for all batches consumed so far, over all processes (a collective
+    when there are several: call it on every process at the same step)."""
+    local = self._skipped_local
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils   # pylint: disable=import-outside-toplevel
+      local = int(np.sum(multihost_utils.process_allgather(np.array(local, np.int64))))
+    return self._skipped_base + local
+
+  def state(self):
+    """What a checkpoint keeps: the next step and the running skip total."""
+    return {"data_position": self.position, "data_skipped": self.skipped_total()}
+
+  def close(self):
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, "close"):
+      it.close()
+    pool = self.loader._pool   # pylint: disable=protected-access
+    if pool is not None:
+      pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_batches(config, sharding, data_state=None):
+  """A `Batches` for a config whose `input.data` is webdataset, folder or tfds."""
+  data_state = data_state or {}
+  inp = config.input
+  return Batches(sources.from_config(config), pp.from_config(config),
+                 global_batch=inp.batch_size, sharding=sharding, seed=config.seed,
+                 start_step=int(data_state.get("data_position", 0)),
+                 skipped=int(data_state.get("data_skipped", 0)),
+                 workers=inp.get("workers", 0), threads=inp.get("threads", 4),
+                 prefetch=inp.get("prefetch", 2))
+
+
+def examples_fn(config):
+  """`examples(slots) -> {"image": float32 [-1, 1], "text": [caption]}`: the same stream as
+  `Batches` for callers that take an index-based source (`batches.IndexedBatches`)."""
+  loader = StepLoader(sources.from_config(config), pp.from_config(config), seed=config.seed,
+                      global_batch=config.input.batch_size, rows=[], threads=1)
+
+  def examples(slots):
+    out = [loader.example(int(s), tokenize=False)[0] for s in np.asarray(slots).reshape(-1)]
+    return {"image": pp.to_float(np.stack([o["image"] for o in out])),
+            "text": [o["text"] for o in out]}
+  return examples

@@ -1,0 +1,94 @@
+r"""Turns WebDataset shards or a captioned folder into an ArrayRecord data set.
+
+    python -m siglip_jax.data.prepare --src='/data/cc12m/*.tar' --out=/data/cc12m_ar
+    python -m siglip_jax.data.prepare --src=/data/my_folder --out=/data/my_folder_ar
+
+Then train with `--config.input.data=folder --config.input.dir=/data/cc12m_ar`. Why: a tar
+source has to index every shard's headers at start-up in every process; an ArrayRecord set is
+indexed when written (files with `group_size:1`, so any record is one read), and bad records
+are dropped here once (`--drop_bad`, the default) instead of being met and skipped in every
+epoch. Writes `OUT/data-NNNNN-of-MMMMM.array_record` and `OUT/meta.json`; prints one JSON
+summary line. Needs the `array_record` package (`pip install array-record`, or the [data]
+extra; Grain depends on it on Linux).
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from siglip_jax.data import check, sources
+
+_SRC = flags.DEFINE_string("src", None, "Tar shards (glob, ',' for several) or a folder with "
+                           "captions.jsonl (or with *.tar shards).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (created; must not hold a data set).")
+_PER_FILE = flags.DEFINE_integer("records_per_file", 10_000, "Records per ArrayRecord file.")
+_DROP_BAD = flags.DEFINE_bool("drop_bad", True, "Leave out the records training would skip.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Processes for checking records (0: one a core).")
+
+
+def open_src(src):
+  if os.path.isdir(src):
+    if os.path.isfile(os.path.join(src, "captions.jsonl")):
+      return sources.FolderSource(src)
+    return sources.WebDatasetSource(os.path.join(src, "*.tar"))
+  return sources.WebDatasetSource(src)
+
+
+def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
+  """Writes `source` to `out`; returns the summary dict."""
+  from array_record.python import array_record_module   # optional dependency
+  if os.path.exists(os.path.join(out, "meta.json")):
+    raise FileExistsError(f"{out} already holds a data set (meta.json); choose another --out")
+  os.makedirs(out, exist_ok=True)
+  if drop_bad:
+    results = check.scan(source, workers=workers)
+  else:
+    results = ((i, "", None) for i in range(len(source)))
+  names, writer, in_file, written, skipped = [], None, 0, 0, {}
+  try:
+    for i, _, reason in results:
+      if reason is not None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        continue
+      if writer is None or in_file == records_per_file:
+        if writer is not None:
+          writer.close()
+        names.append(f"data-{len(names):05d}.array_record")
+        # group_size:1: every record its own chunk, so a random read decodes only that record.
+        writer = array_record_module.ArrayRecordWriter(os.path.join(out, names[-1]),
+                                                       "group_size:1")
+        in_file = 0
+      writer.write(sources.encode_record(source[i]))
+      in_file += 1
+      written += 1
+  finally:
+    if writer is not None:
+      writer.close()
+  # Final names say how many files there are (the TFDS / ArrayRecord habit).
+  final = [f"data-{k:05d}-of-{len(names):05d}.array_record" for k in range(len(names))]
+  for old, new in zip(names, final):
+    os.replace(os.path.join(out, old), os.path.join(out, new))
+  summary = {"records": written + sum(skipped.values()), "written": written,
+             "skipped": dict(sorted(skipped.items())), "out": os.path.abspath(out)}
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump({"format": sources.ARRAY_RECORD_FORMAT, "files": final, "num_records": written,
+               "dropped": summary["skipped"]}, f, indent=1)
+  return summary
+
+
+def main(argv):
+  del argv
+  if not _SRC.value or not _OUT.value:
+    sys.exit("error: --src and --out are required")
+  try:
+    source = open_src(_SRC.value)
+    summary = prepare(source, _OUT.value, records_per_file=_PER_FILE.value,
+                      drop_bad=_DROP_BAD.value, workers=_WORKERS.value)
+  except (ValueError, OSError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

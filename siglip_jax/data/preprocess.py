@@ -1,0 +1,236 @@
+"""One raw record -> (uint8 image [S, S, 3], int32 tokens [L]), or `BadRecord(reason)`.
+
+A raw record is what a source returns (see `sources.py`): `{"image": encoded bytes | uint8 array |
+None, "texts": str | bytes | list of them | None, "key": str}`, optionally `"error": reason` when
+the source already knows it is unusable. Everything here is numpy/PIL only (no JAX): it runs in
+Grain's worker processes, which should start fast.
+
+Images stay uint8 through decode and resize (what PIL works in); the loader maps them to float
+[-1, 1] on the accelerator (`to_float` is the same map on the host), which keeps host memory and
+host-to-device traffic at a quarter of float32's.
+
+Randomness (caption choice, random resized crop, flip) comes from `rng_for(seed, slot)`: a pure
+function of the seed and the example's slot in the global stream, so whichever process or worker
+renders a slot renders the same example.
+"""
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from siglip_jax.data import tokenizer as tokenizer_lib
+
+# Reasons a record is skipped; `check` and the loader count them under these names.
+REASONS = ("missing_image", "undecodable_image", "truncated_image", "image_too_large",
+           "missing_caption", "blank_caption", "bad_metadata", "read_error")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+RESIZE_MODES = ("squash", "crop")
+METHODS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+# A truncated file must fail, not decode to a half-grey image that we would train on.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadRecord(Exception):
+  """A record that cannot be used; `reason` is one of REASONS."""
+
+  def __init__(self, reason, detail=""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+def rng_for(seed, slot):
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(slot)])
+
+
+# ---------------------------------------------------------------------------------------- text
+
+def caption_list(texts):
+  """str | bytes | array | list of them | None -> list of str (possibly empty)."""
+  if texts is None:
+    return []
+  if isinstance(texts, (str, bytes, np.bytes_, np.str_)):
+    texts = [texts]
+  out = []
+  for t in np.asarray(texts, dtype=object).reshape(-1):
+    out.append(t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t))
+  return out
+
+
+def pick_caption(texts, rng):
+  """One non-blank caption, drawn with `rng` when there are several."""
+  texts = caption_list(texts)
+  if not texts:
+    raise BadRecord("missing_caption")
+  usable = [t.strip() for t in texts if t.strip()]
+  if not usable:
+    raise BadRecord("blank_caption")
+  return usable[int(rng.integers(len(usable)))] if len(usable) > 1 else usable[0]
+
+
+# --------------------------------------------------------------------------------------- image
+
+def _to_rgb(img):
+  """Any PIL mode -> RGB. Transparent pixels go onto white (how web pages show them); the
+  colour stored under alpha 0 is often arbitrary (black), which plain dropping would keep."""
+  if img.mode == "P":
+    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit / float PNG, TIFF
+    arr = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return img if img.mode == "RGB" else img.convert("RGB")   # L, 1, CMYK, YCbCr, LAB, ...
+
+
+def decode_image(data, draft_size=None):
+  """Encoded bytes or a uint8 array -> an RGB PIL image, fully decoded.
+
+  `draft_size`: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay
+  >= draft_size (much faster on big photos; truncation is still detected, all data is read).
+  """
+  if data is None:
+    raise BadRecord("missing_image")
+  if isinstance(data, np.ndarray):   # TFDS with decoding on: already pixels
+    arr = data if data.dtype == np.uint8 else np.clip(data, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+      arr = arr[..., 0]
+    try:
+      return _to_rgb(Image.fromarray(arr))
+    except (TypeError, ValueError) as e:
+      raise BadRecord("undecodable_image", f"array of shape {arr.shape}") from e
+  if not data:
+    raise BadRecord("missing_image", "empty image member")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(bytes(data)))
+      if draft_size and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+      img.load()
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise BadRecord("image_too_large", str(e)[:120]) from None
+  except Image.UnidentifiedImageError as e:
+    raise BadRecord("undecodable_image", str(e)[:120]) from None
+  except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+    # PIL says "truncated" when the data ends early; other failures are corrupt streams.
+    reason = "truncated_image" if "truncat" in str(e).lower() else "undecodable_image"
+    raise BadRecord(reason, str(e)[:120]) from None
+  if img.width < 1 or img.height < 1:
+    raise BadRecord("undecodable_image", f"size {img.size}")
+  try:
+    return _to_rgb(img)
+  except (OSError, ValueError) as e:
+    raise BadRecord("undecodable_image", str(e)[:120]) from None
+
+
+def _center_box(w, h, mode):
+  if mode == "squash":
+    return (0, 0, w, h)
+  side = min(w, h)
+  left, top = (w - side) / 2, (h - side) / 2
+  return (left, top, left + side, top + side)
+
+
+def _random_box(w, h, rng, scale, ratio):
+  """Inception-style crop (as torchvision's RandomResizedCrop): area fraction in `scale`,
+  aspect ratio log-uniform in `ratio`; ten tries, then the central square."""
+  area = w * h
+  log_r = np.log(ratio)
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(*log_r)))
+    cw, ch = np.sqrt(target * aspect), np.sqrt(target / aspect)
+    if 1 <= cw <= w and 1 <= ch <= h:
+      left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+      return (left, top, left + cw, top + ch)
+  return _center_box(w, h, "crop")
+
+
+class Preprocessor:
+  """Callable `(raw record, slot) -> {"image": uint8 [S, S, 3], "text": int32 [L]}`.
+
+  Picklable: the SentencePiece model is loaded lazily in whichever process uses it.
+  """
+
+  def __init__(self, *, image_size=224, text_len=64, tokenizer=None, lowercase=True,
+               strip_punctuation=False, eos="sticky", pad_id=None, resize="squash",
+               method="bicubic", random_crop=False, crop_scale=(0.08, 1.0),
+               crop_ratio=(3 / 4, 4 / 3), flip=False, jpeg_draft=True, seed=0):
+    if resize not in RESIZE_MODES:
+      raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if method not in METHODS:
+      raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    self.image_size, self.text_len = int(image_size), int(text_len)
+    self.resize, self.method = resize, method
+    self.random_crop, self.crop_scale, self.crop_ratio = bool(random_crop), crop_scale, crop_ratio
+    self.flip, self.seed = bool(flip), int(seed)
+    # A random crop may zoom into a small region: decode at full resolution then.
+    self.draft = self.image_size if (jpeg_draft and not self.random_crop) else None
+    self._tok_args = dict(path=tokenizer or None, lowercase=lowercase,
+                          strip_punctuation=strip_punctuation, eos=eos, pad_id=pad_id)
+    self._tok = None
+
+  @property
+  def tokenizer(self):
+    if self._tok is None:
+      self._tok = tokenizer_lib.Tokenizer(**self._tok_args)
+    return self._tok
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_tok"] = None
+    return state
+
+  def check(self, raw):
+    """Raises BadRecord if `raw` is unusable (caption first: it is cheap); returns None."""
+    self._parts(raw, rng_for(self.seed, 0))
+
+  def _parts(self, raw, rng):
+    if raw.get("error"):
+      raise BadRecord(raw["error"])
+    caption = pick_caption(raw.get("texts"), rng)
+    return decode_image(raw.get("image"), self.draft), caption
+
+  def pixels(self, img, rng):
+    w, h = img.size
+    if self.random_crop:
+      box = _random_box(w, h, rng, self.crop_scale, self.crop_ratio)
+    else:
+      box = _center_box(w, h, self.resize)
+    size = (self.image_size, self.image_size)
+    # `box` crops and resizes in one resample: no intermediate full-size copy.
+    out = np.asarray(img.resize(size, METHODS[self.method], box=box), np.uint8)
+    if self.flip and rng.random() < 0.5:
+      out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+  def __call__(self, raw, slot, tokenize=True):
+    rng = rng_for(self.seed, slot)
+    img, caption = self._parts(raw, rng)
+    image = self.pixels(img, rng)
+    text = self.tokenizer.encode([caption], self.text_len)[0] if tokenize else caption
+    return {"image": image, "text": text}
+
+
+def to_float(images):
+  """uint8 pixels -> float32 in [-1, 1] (the model's input range)."""
+  return np.asarray(images, np.float32) * (2.0 / 255.0) - 1.0
+
+
+def from_config(config):
+  """A Preprocessor from a training config's `input` block (missing keys take defaults)."""
+  inp = config.input
+  get = inp.get
+  pad_id = get("pad_id", -1)
+  return Preprocessor(
+      image_size=inp.image_size, text_len=inp.text_len, tokenizer=get("tokenizer", "") or None,
+      lowercase=get("lowercase", True), strip_punctuation=get("strip_punctuation", False),
+      eos=get("eos", "sticky"), pad_id=None if pad_id is None or pad_id < 0 else pad_id,
+      resize=get("resize", "squash"), method=get("resize_method", "bicubic"),
+      random_crop=get("random_crop", False), crop_scale=tuple(get("crop_scale", (0.08, 1.0))),
+      flip=get("flip", False), jpeg_draft=get("jpeg_draft", True), seed=config.seed)

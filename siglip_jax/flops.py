@@ -1,0 +1,129 @@
+"""Analytic FLOPs of a two-tower train step, and peak FLOP/s per chip: the two halves of MFU.
+
+Counted: every matmul of both towers (patch embedding, Q/K/V/out projections, the two attention
+matmuls, MLPs, the MAP head, the projection heads) and the B x B similarity of the loss, at
+2 FLOPs per multiply-add. Not counted: LayerNorm, GELU, softmax, residual adds, the embedding
+lookup and the optimizer, which are a few percent at real sizes (the test holds the count within
+10% of XLA's own cost analysis). A train step is 3x the forward (backward = 2x forward), the
+usual MFU convention (PaLM, appendix B), so MFU compares like with like across code bases. The
+same 3x holds for a frozen tower (LiT), which really skips its backward pass: there the figure
+overstates the work done, as model-FLOPs MFU does in other code bases too.
+"""
+import re
+
+TRAIN_MULTIPLIER = 3  # forward + backward (two matmuls per forward matmul)
+
+
+def _pair(v):
+  return (int(v), int(v)) if isinstance(v, int) else tuple(int(s) for s in v)
+
+
+def encoder_flops(tokens, width, depth, mlp_dim, num_heads=None):
+  """Forward FLOPs of `depth` pre-LN blocks on one sequence of `tokens` tokens."""
+  del num_heads  # the attention matmuls cost the same whatever the split into heads
+  proj = 4 * 2 * tokens * width * width          # query, key, value, out
+  attn = 2 * 2 * tokens * tokens * width         # q @ k^T and weights @ v, all heads together
+  mlp = 2 * 2 * tokens * width * mlp_dim
+  return depth * (proj + attn + mlp)
+
+
+def map_head_flops(tokens, width, mlp_dim):
+  """Forward FLOPs of the MAP head: one learned query attends over `tokens`, then an MLP."""
+  q_and_out = 2 * 2 * width * width              # one query token: query and out projections
+  kv = 2 * 2 * tokens * width * width
+  attn = 2 * 2 * tokens * width
+  return q_and_out + kv + attn + 2 * 2 * width * mlp_dim
+
+
+def _pool_flops(pool_type, tokens, width, mlp_dim):
+  return map_head_flops(tokens, width, mlp_dim) if pool_type == "map" else 0
+
+
+def image_tower_flops(*, image_size, patch_size, width, depth, mlp_dim, num_heads=None,
+                      pool_type="map", out_dim=None):
+  """Forward FLOPs of the ViT for one image."""
+  h, w = _pair(image_size)
+  ph, pw = _pair(patch_size)
+  tokens = (h // ph) * (w // pw)
+  embed = 2 * tokens * ph * pw * 3 * width
+  if pool_type == "tok":
+    tokens += 1
+  mlp_dim = mlp_dim or 4 * width
+  head = 2 * width * out_dim if out_dim else 0
+  return (embed + encoder_flops(tokens, width, depth, mlp_dim)
+          + _pool_flops(pool_type, tokens, width, mlp_dim) + head)
+
+
+def text_tower_flops(*, text_len, width, depth, mlp_dim, num_heads=None, pool_type="last",
+                     out_dim=None):
+  """Forward FLOPs of the text transformer for one text (the embedding lookup is free)."""
+  mlp_dim = mlp_dim or 4 * width
+  head = 2 * width * out_dim if out_dim else 0
+  return (encoder_flops(text_len, width, depth, mlp_dim)
+          + _pool_flops(pool_type, text_len, width, mlp_dim) + head)
+
+
+def loss_flops_per_pair(global_batch, emb_dim):
+  """Each pair's row of the global B x B logit matrix (ring or gathered: the same count)."""
+  return 2 * global_batch * emb_dim
+
+
+def _tower_dims(model):
+  """Resolved kwargs for image_tower_flops / text_tower_flops of a `models.TwoTowers`."""
+  from siglip_jax.models.text import TextTransformer  # models is ground floor; imported lazily
+  from siglip_jax.models.vit import ViT
+  out_dim = model.out_dim
+  if out_dim is None or isinstance(out_dim, int):
+    out_dim = (out_dim, out_dim)
+  img_cfg = dict(model.image or {})
+  txt_cfg = dict(model.text or {})
+  img = ViT(**{k: v for k, v in img_cfg.items() if k in ViT.__dataclass_fields__}).dims
+  txt = TextTransformer(**{k: v for k, v in txt_cfg.items()
+                           if k in TextTransformer.__dataclass_fields__}).dims
+  img["pool_type"] = img_cfg.get("pool_type", "map")
+  txt["pool_type"] = txt_cfg.get("pool_type", "last")
+  img["out_dim"] = img_cfg.get("num_classes", out_dim[0])   # a tower's own setting wins
+  txt["out_dim"] = txt_cfg.get("num_classes", out_dim[1])
+  return img, txt
+
+
+def forward_flops_per_pair(model, *, image_size, text_len, global_batch):
+  """Forward FLOPs for one image-text pair of a `TwoTowers` model, loss included."""
+  img, txt = _tower_dims(model)
+  f_img = image_tower_flops(image_size=image_size, **img)
+  f_txt = text_tower_flops(text_len=text_len, **txt)
+  emb_dim = txt["out_dim"] or txt["width"]
+  return f_img + f_txt + loss_flops_per_pair(global_batch, emb_dim)
+
+
+def train_flops_per_pair(model, *, image_size, text_len, global_batch):
+  """FLOPs of one train step divided by the global batch (forward + backward)."""
+  return TRAIN_MULTIPLIER * forward_flops_per_pair(
+      model, image_size=image_size, text_len=text_len, global_batch=global_batch)
+
+
+# Dense bf16 peak TFLOP/s per chip (per JAX device), from the vendors' data sheets. Matched as
+# regexes against `jax.Device.device_kind`, first match wins, so the specific names come first.
+# A float32 model on a GPU runs at a fraction of these (TF32 on an H100: half): MFU is quoted
+# against the bf16 peak as everyone does; pass --config.peak_tflops for another reference.
+PEAK_TFLOPS = (
+    (r"TPU v6 ?(lite|e)", 918.0),
+    (r"TPU v5 ?(lite|e)", 197.0),
+    (r"TPU v5p?$", 459.0),
+    (r"TPU v4", 275.0),
+    (r"H200", 989.0),
+    (r"H100.*PCIe", 756.0),
+    (r"H100", 989.0),
+    (r"A100", 312.0),
+)
+
+
+def peak_tflops(device_kind, override=0.0):
+  """Peak TFLOP/s of one device: `override` when > 0, else the table's, else None (CPUs: the
+  figure depends on the host and on how many simulated devices share its cores)."""
+  if override and float(override) > 0:
+    return float(override)
+  for pattern, value in PEAK_TFLOPS:
+    if re.search(pattern, device_kind or "", re.IGNORECASE):
+      return value
+  return None

@@ -1,0 +1,116 @@
+"""Per-log-step performance measurements (TFLOP/s, MFU, memory) and the profiler window.
+
+    perf/tflops_per_device  analytic train FLOPs per pair (siglip_jax.flops) x pairs/s / devices
+    perf/mfu                that over the device's peak (flops.PEAK_TFLOPS or config.peak_tflops);
+                            NaN where no peak is known (CPUs), said once on the console
+    perf/device_mem_gib     the largest `bytes_in_use` over this process's devices; on backends
+                            without memory_stats (CPU), the process's resident memory: CPU devices
+                            live in host memory, so that is what they use (and an upper bound)
+"""
+import os
+import sys
+
+import jax
+
+from siglip_jax import flops
+
+_GIB = 2.0 ** 30
+
+
+def device_memory_gib():
+  """(GiB in use, source): source is "device" (memory_stats) or "host_rss"."""
+  in_use = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+      stats = None
+    if stats and "bytes_in_use" in stats:
+      in_use.append(stats["bytes_in_use"])
+  if in_use:
+    return max(in_use) / _GIB, "device"
+  return _rss_bytes() / _GIB, "host_rss"
+
+
+def _rss_bytes():
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    import resource  # peak, not current, RSS: the closest figure where /proc is missing
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class PerfMeter:
+  """Turns the measured pairs/s into the perf/* metrics of one log step."""
+
+  def __init__(self, config, model, *, stream=sys.stdout, enabled=True):
+    self.flops_per_pair = flops.train_flops_per_pair(
+        model, image_size=config.input.image_size, text_len=config.input.text_len,
+        global_batch=config.input.batch_size)
+    self.num_devices = jax.device_count()
+    kind = jax.devices()[0].device_kind
+    self.peak = flops.peak_tflops(kind, config.get("peak_tflops", 0.0) or 0.0)
+    if enabled and self.peak is None:
+      print(f"perf/mfu: no peak FLOP/s known for device kind {kind!r}; written as NaN "
+            "(set --config.peak_tflops=TFLOPS_PER_DEVICE to get it)", file=stream, flush=True)
+    self._mem_note = enabled
+
+  def metrics(self, pairs_per_s):
+    tflops = self.flops_per_pair * pairs_per_s / self.num_devices / 1e12
+    mem, source = device_memory_gib()
+    if self._mem_note and source == "host_rss":
+      print("perf/device_mem_gib: this backend reports no device memory; written as the "
+            "process's resident host memory", flush=True)
+    self._mem_note = False
+    return {"perf/tflops_per_device": tflops,
+            "perf/mfu": tflops / self.peak if self.peak else float("nan"),
+            "perf/device_mem_gib": mem}
+
+
+def parse_steps(spec):
+  """"N,M" -> (N, M) (inclusive; "N" alone is one step), "" -> None."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return None
+  try:
+    parts = [int(p) for p in spec.split(",")]
+  except ValueError:
+    parts = []
+  if len(parts) == 1:
+    parts *= 2
+  if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
+    raise ValueError(f"config key `profile_steps`: expected \"N,M\" with 1 <= N <= M; got {spec!r}")
+  return tuple(parts)
+
+
+class StepProfiler:
+  """Traces steps N..M (inclusive) with jax.profiler into `workdir/profile/`.
+
+  TensorBoard's profile plugin reads `profile/plugins/profile/<run>/*.xplane.pb`; the
+  `perfetto_trace.json.gz` beside it opens in Perfetto (ui.perfetto.dev) without TensorBoard.
+  """
+
+  def __init__(self, spec, workdir):
+    self.window = parse_steps(spec)
+    self.logdir = os.path.join(workdir, "profile")
+    if jax.process_count() > 1:   # processes on one host would write the same <host>.xplane.pb
+      self.logdir = os.path.join(self.logdir, f"process_{jax.process_index()}")
+    self.active = self.done = False
+
+  def before_step(self, step):
+    # Any step inside the window starts it: a run resumed mid-window still gets its trace.
+    if self.window and self.window[0] <= step <= self.window[1] and not (self.active or self.done):
+      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
+      self.active = True
+
+  def after_step(self, step, outputs):
+    if self.active and step >= self.window[1]:
+      jax.block_until_ready(outputs)   # the trace must hold the steps' device work
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      self.active, self.done = False, True
+      jax.profiler.stop_trace()

@@ -1,0 +1,245 @@
+r"""Will this config fit? Compiles the train step on simulated CPU devices, before a pod is reserved.
+
+    python -m siglip_jax.preflight --config=configs/siglip_b16_224.py --devices=8 --chip=H100 \
+        [--config.KEY=VALUE ...]
+
+Builds exactly what training builds (`trainer.build`: the configured mesh, sharding rules, loss
+and donated train step) on N simulated CPU devices, compiles it from abstract inputs (nothing is
+allocated, so a pod-sized model is checked on a laptop) and reports per device:
+
+- params, optimizer state: from the state's shardings (each leaf's shard shape x item size);
+- batch: the per-device slice of the global batch;
+- activations: XLA's scratch for the step (activations kept for the backward pass, gradients,
+  workspace), `compiled.memory_analysis().temp_size_in_bytes`, times `--activation_scale`;
+- outputs that do not reuse a donated input (the step's metrics).
+
+The total is set against the chip's HBM times `--usable_fraction` (runtimes reserve some: JAX on
+GPU preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says more). Prints a table and one JSON
+line; exits 1 with the reason when the config cannot fit or is invalid.
+
+The activation figure comes from XLA:CPU's buffer assignment for the same program, with two
+corrections for what the CPU does differently from a GPU or TPU:
+- XLA:CPU computes bfloat16 in float32 (its temp for a bf16 model equals the float32 model's,
+  measured on B/16), so for a bf16/fp16 `model.dtype` the temp is halved (`--activation_scale`,
+  default auto: 0.5 for 16-bit compute, 1 otherwise);
+- cuDNN's fused attention keeps only q, k, v and the output for the backward pass; it does not
+  lower on CPU, so it is stood in for by XLA attention under `jax.checkpoint`, which keeps the
+  same. Accelerator compilers still fuse and schedule differently: an estimate, not a promise.
+The raw compiled figures are in the JSON line (`compiled_bytes`).
+"""
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# HBM per chip (GiB) and dense bf16 peak (TFLOP/s, per chip) from the vendors' spec sheets.
+CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918),
+         "H100": (80, 989), "H200": (141, 989)}
+GIB = 1024 ** 3
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (a .py file).",
+                                          lock_config=False)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices (the pod's chips).")
+_CHIP = flags.DEFINE_string("chip", "H100", f"One of {', '.join(CHIPS)} (case-insensitive).")
+_USABLE = flags.DEFINE_float("usable_fraction", 0.9,
+                             "Fraction of HBM the run may use (runtime and fragmentation "
+                             "take the rest).")
+_SCALE = flags.DEFINE_float("activation_scale", -1.0,
+                            "Factor on XLA:CPU's temp; -1: 0.5 for a 16-bit model.dtype, else 1.")
+
+
+def chip_spec(name):
+  """(canonical name, HBM GiB, bf16 TFLOP/s) for a chip name in any case."""
+  for key, (hbm, tflops) in CHIPS.items():
+    if key.lower() == str(name).lower():
+      return key, hbm, tflops
+  raise ValueError(f"--chip={name!r} is unknown; use one of {', '.join(CHIPS)}")
+
+
+def simulate_devices(n, env=os.environ):
+  """Sets the environment for `n` CPU devices; True when it changed anything. Only works before
+  JAX initializes its backends, hence the re-exec in `main`."""
+  flags_ = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  want = f"{flags_.strip()} --xla_force_host_platform_device_count={n}".strip()
+  changed = env.get("XLA_FLAGS") != want or env.get("JAX_PLATFORMS") != "cpu"
+  env["XLA_FLAGS"], env["JAX_PLATFORMS"] = want, "cpu"
+  return changed
+
+
+def auto_activation_scale(config):
+  """XLA:CPU keeps float32 where an accelerator keeps the 16-bit compute dtype."""
+  dtype = str(config.model.get("dtype") or "float32")
+  return 0.5 if dtype in ("bfloat16", "float16", "bf16", "fp16") else 1.0
+
+
+def stand_in_for_fused_attention():
+  """Makes `implementation="cudnn"` lower on CPU with the fused kernel's memory: XLA attention
+  under jax.checkpoint saves q, k, v (not the [heads, q, k] probabilities) for the backward pass.
+  The models look `jax.nn.dot_product_attention` up at call time, so patching it is enough; this
+  process only compiles, so nothing computed here depends on the stand-in."""
+  import jax
+  original = getattr(jax.nn.dot_product_attention, "_preflight_original",
+                     jax.nn.dot_product_attention)
+
+  def attention(query, key, value, *args, implementation=None, **kwargs):
+    if implementation != "cudnn":
+      return original(query, key, value, *args, implementation=implementation, **kwargs)
+    fused = jax.checkpoint(functools.partial(original, implementation="xla", **kwargs))
+    return fused(query, key, value, *args)
+
+  attention._preflight_original = original
+  jax.nn.dot_product_attention = attention
+
+
+def _with_shardings(abstract, shardings):
+  import jax
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def per_device_bytes(abstract, shardings):
+  """Bytes one device holds of a tree of ShapeDtypeStructs under the given shardings (the
+  largest shard, which is every shard for the even splits these rules make)."""
+  import jax
+  sizes = jax.tree_util.tree_map(
+      lambda a, s: math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize, abstract, shardings)
+  return int(sum(jax.tree_util.tree_leaves(sizes)))
+
+
+def abstract_batch(config, batch_sharding, batch_size=None):
+  import jax
+  import jax.numpy as jnp
+  b = batch_size or config.input.batch_size
+  size, length = config.input.image_size, config.input.text_len
+  return {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sharding),
+          "text": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_sharding)}
+
+
+def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
+  """Per-device memory of the configured train step on this process's devices; a dict."""
+  import jax
+  from siglip_jax import flops, trainer
+  chip, hbm_gib, peak_tflops = chip_spec(chip)
+  note = None
+  if jax.default_backend() != "gpu" and config.model.get("attention_impl") == "cudnn":
+    stand_in_for_fused_attention()
+    note = "cuDNN attention stood in for by checkpointed XLA attention (same saved tensors)"
+  scale = auto_activation_scale(config) if activation_scale < 0 else activation_scale
+  parts = trainer.build(config)
+  state, shard = parts["abstract_state"], parts["state_sharding"]
+  params = per_device_bytes(state.params, shard.params)
+  opt = per_device_bytes(state.opt_state, shard.opt_state)
+  other = per_device_bytes(state, shard) - params - opt
+  batch = abstract_batch(config, parts["batch_sharding"])
+  batch_bytes = per_device_bytes(batch, {k: v.sharding for k, v in batch.items()})
+  t0 = time.perf_counter()
+  compiled = parts["train_step"].lower(_with_shardings(state, shard), batch).compile()
+  compile_s = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
+  alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+  fresh_out = max(out - alias, 0)  # outputs written to new buffers (donated state is reused)
+  activations = int(temp * scale)
+  total = params + opt + other + batch_bytes + activations + fresh_out
+  usable = hbm_gib * usable_fraction
+  mesh = parts["mesh"]
+  # Analytic model FLOPs (siglip_jax.flops): XLA's cost analysis counts a scanned layer once
+  # and cuDNN attention as zero, so it is not used here.
+  step_flops = flops.train_flops_per_pair(
+      parts["model"], image_size=config.input.image_size, text_len=config.input.text_len,
+      global_batch=config.input.batch_size) * config.input.batch_size / jax.device_count()
+  g = lambda x: round(x / GIB, 3)  # noqa: E731
+  sig = lambda x: float(f"{x:.3g}")  # noqa: E731
+  return {
+      "chip": chip, "hbm_gib": hbm_gib, "usable_gib": round(usable, 3),
+      "devices": jax.device_count(), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "global_batch": int(config.input.batch_size),
+      "per_device_batch": int(config.input.batch_size) // math.prod(
+          mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")),
+      "params_gib": g(params), "opt_state_gib": g(opt), "other_state_gib": g(other),
+      "batch_gib": g(batch_bytes), "activations_gib": g(activations),
+      "activation_scale": scale, "fresh_output_gib": g(fresh_out),
+      "total_gib": g(total), "fits": total <= usable * GIB,
+      # What XLA's own buffer assignment says, for comparison with the figure above.
+      "compiled": {"argument_gib": g(arg), "output_gib": g(out), "alias_gib": g(alias),
+                   "temp_gib": g(temp), "total_gib": g(arg + out - alias + temp)},
+      "tflop_per_device_step": sig(step_flops / 1e12),
+      # The step time at 100% of the chip's bf16 peak: no run can beat it (at 40% MFU: x2.5).
+      "min_step_s": sig(step_flops / (peak_tflops * 1e12)),
+      "compile_s": round(compile_s, 1), "note": note,
+      # Exact figures (the GiB above are rounded): what tests and scripts should compare.
+      "per_device_bytes": {"params": params, "opt_state": opt, "other_state": other,
+                           "batch": batch_bytes, "activations": activations,
+                           "fresh_output": fresh_out,
+                           "total": total},
+      "compiled_bytes": {"argument": arg, "output": out, "alias": alias, "temp": temp,
+                         "total": arg + out - alias + temp},
+  }
+
+
+def verdict(r):
+  """None when it fits, else the one-line reason with the knobs that help."""
+  if r["fits"]:
+    return None
+  big = max(("activations", r["activations_gib"]), ("parameters", r["params_gib"]),
+            ("optimizer state", r["opt_state_gib"]), key=lambda kv: kv[1])
+  return (f"per-device total {r['total_gib']:.1f} GiB exceeds {r['chip']}'s {r['hbm_gib']} GiB "
+          f"(usable {r['usable_gib']:.1f} GiB): activations {r['activations_gib']:.1f} GiB, params "
+          f"{r['params_gib']:.1f} GiB, optimizer {r['opt_state_gib']:.1f} GiB; largest: "
+          f"{big[0]} - lower input.batch_size, add fsdp (mesh=(('data',-1),('fsdp',N)), "
+          "sharding_rules=(('.*','fsdp'),)), or enable remat (model.*.remat_policy="
+          "nothing_saveable)")
+
+
+def table(r):
+  rows = [("parameters", r["params_gib"]), ("optimizer state", r["opt_state_gib"]),
+          ("other state", r["other_state_gib"]), ("batch slice", r["batch_gib"]),
+          (f"activations+grads (x{r['activation_scale']:g})", r["activations_gib"]),
+          ("fresh outputs", r["fresh_output_gib"]),
+          ("total", r["total_gib"]), (f"{r['chip']} usable", r["usable_gib"])]
+  head = (f"preflight: {r['devices']} devices, mesh {r['mesh']}, global batch {r['global_batch']} "
+          f"({r['per_device_batch']} per device), chip {r['chip']} ({r['hbm_gib']} GiB)")
+  lines = [head, f"{'per device':<28}{'GiB':>10}{'MiB':>12}"]
+  lines += [f"{name:<28}{value:>10.3f}{value * 1024:>12.1f}" for name, value in rows]
+  lines.append(f"{'fits':<28}{'yes' if r['fits'] else 'NO':>10}")
+  if r["note"]:
+    lines.append(f"note: {r['note']}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) are noise here
+  if _CONFIG.value is None:
+    sys.exit("error: --config is required (e.g. --config=configs/demo.py)")
+  if _DEVICES.value < 1:
+    sys.exit(f"error: --devices must be positive, got {_DEVICES.value}")
+  try:
+    chip_spec(_CHIP.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  # The device count is fixed when JAX starts its CPU backend: if something imported JAX
+  # already, start over in a fresh interpreter with the environment set.
+  if simulate_devices(_DEVICES.value) and "jax" in sys.modules:
+    os.execv(sys.executable, [sys.executable, "-m", "siglip_jax.preflight", *sys.argv[1:]])
+  from siglip_jax import experiment
+  try:
+    experiment.check_config(_CONFIG.value)
+    report = estimate(_CONFIG.value, _CHIP.value, _USABLE.value, _SCALE.value)
+  except (experiment.ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  print(table(report))
+  print(json.dumps(report), flush=True)
+  reason = verdict(report)
+  if reason:
+    sys.exit(f"error: {reason}")
+
+
+if __name__ == "__main__":
+  app.run(main)

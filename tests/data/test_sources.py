@@ -1,0 +1,198 @@
+"""Sources (WebDataset, folder, ArrayRecord, TFDS, mixtures) and preprocessing."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siglip_jax.data import preprocess, sources
+
+from wds_fixtures import BAD, ODD, colour, wds  # noqa: F401  pylint: disable=unused-import
+
+
+def _pre(**kw):
+  kw.setdefault("image_size", 16)
+  kw.setdefault("text_len", 8)
+  return preprocess.Preprocessor(**kw)
+
+
+def test_split_member_follows_webdataset():
+  assert sources.split_member("a/b/000123.jpg") == ("a/b/000123", "jpg")
+  assert sources.split_member("000123.seg.PNG") == ("000123", "seg.png")
+  assert sources.split_member("noext") == ("noext", "")
+
+
+def test_webdataset_index_reads_members_by_offset(wds):
+  src = sources.WebDatasetSource(wds["glob"])
+  assert len(src) == wds["records"] and len(src.shards) == 3
+  pre = _pre()
+  for i, kind in enumerate(wds["kinds"]):
+    rec = src[i]
+    if kind == "good":
+      assert rec["texts"] == f"photo number {i}".encode()
+      img = pre(rec, slot=0)["image"]
+      assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+      np.testing.assert_allclose(img.mean((0, 1)), colour(i), atol=4)
+    if kind == "nocaption":
+      assert rec["texts"] is None and rec["image"]
+
+
+def test_bad_records_get_their_reason_and_odd_images_are_used(wds):
+  src = sources.WebDatasetSource(wds["glob"])
+  pre = _pre()
+  for i, kind in enumerate(wds["kinds"]):
+    if kind in BAD:
+      with pytest.raises(preprocess.BadRecord) as e:
+        pre(src[i], slot=i)
+      assert e.value.reason == BAD[kind], kind
+    elif kind in ODD:
+      img = pre(src[i], slot=i)["image"]
+      assert img.shape == (16, 16, 3), kind
+      want = np.array(colour(i), np.float64)
+      if kind == "gray":
+        want = np.full(3, Image.new("RGB", (1, 1), colour(i)).convert("L").getpixel((0, 0)))
+      if kind == "rgba":   # alpha 128 over white
+        want = (want * 128 + 255 * 127) / 255
+      tol = 40 if kind in ("palette", "cmyk") else 6
+      np.testing.assert_allclose(img.reshape(-1, 3).mean(0), want, atol=tol, err_msg=kind)
+
+
+def test_resize_modes_and_augmentation():
+  # A 60x20 image in thirds: red | green | blue.
+  arr = np.zeros((20, 60, 3), np.uint8)
+  for k in range(3):
+    arr[:, 20 * k:20 * (k + 1), k] = 255
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, "PNG")
+  rec = {"image": buf.getvalue(), "texts": "x"}
+  squash = _pre(resize="squash")(rec, 0)["image"]
+  crop = _pre(resize="crop", method="bilinear")(rec, 0)["image"]
+  assert squash[:, 0, 0].min() > 200 and squash[:, -1, 2].min() > 200   # all three kept
+  assert crop[..., 1].min() > 200 and crop[..., [0, 2]].max() < 30      # the centre only
+  aug = _pre(random_crop=True, crop_scale=(0.2, 0.5), flip=True, seed=3)
+  outs = [aug(rec, s)["image"] for s in range(8)]
+  assert len({o.tobytes() for o in outs}) > 1                       # slots differ
+  np.testing.assert_array_equal(outs[2], aug(rec, 2)["image"])      # a slot is deterministic
+  np.testing.assert_array_equal(outs[2], _pre(random_crop=True, crop_scale=(0.2, 0.5),
+                                              flip=True, seed=3)(rec, 2)["image"])
+  f = preprocess.to_float(squash)
+  assert f.dtype == np.float32 and f.min() >= -1 and f.max() <= 1
+
+
+def test_text_options():
+  rec = {"image": np.full((8, 8, 3), 7, np.uint8), "texts": [b"  ", "Hello, World! " * 20]}
+  tok = _pre(text_len=6, lowercase=False, strip_punctuation=True)
+  ids = tok(rec, 0)["text"]
+  assert ids.shape == (6,) and ids.dtype == np.int32 and ids[-1] == tok.tokenizer.eos_id
+  assert "," not in tok.tokenizer.decode(ids)
+  short = {"image": rec["image"], "texts": "hi"}
+  padded = _pre(text_len=6, eos="append", pad_id=0)(short, 0)["text"]
+  assert padded[-1] == 0
+  assert _pre(text_len=6)(short, 0)["text"][-1] == _pre().tokenizer.eos_id   # sticky pads EOS
+  with pytest.raises(preprocess.BadRecord, match="blank_caption"):
+    _pre()({"image": rec["image"], "texts": ["", " \t"]}, 0)
+  with pytest.raises(preprocess.BadRecord, match="missing_caption"):
+    _pre()({"image": rec["image"], "texts": []}, 0)
+
+
+def test_folder_source(tmp_path):
+  Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.jpg")
+  Image.new("L", (30, 20), 99).save(tmp_path / "b.png")
+  lines = [{"image": "a.jpg", "caption": "a red thing"},
+           {"file_name": "b.png", "captions": ["grey", "gray"]},
+           {"image": "gone.jpg", "caption": "missing file"}]
+  text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n"
+  (tmp_path / "captions.jsonl").write_text(text)
+  src = sources.FolderSource(str(tmp_path))
+  assert len(src) == 4
+  pre = _pre()
+  assert pre(src[0], 0)["image"][..., 0].mean() > 180
+  assert pre(src[1], 0)["image"].shape == (16, 16, 3)
+  for i, reason in ((2, "missing_image"), (3, "bad_metadata")):
+    with pytest.raises(preprocess.BadRecord, match=reason):
+      pre.check(src[i])
+
+
+def test_prepare_writes_an_array_record_set(wds, tmp_path):
+  pytest.importorskip("array_record")
+  from siglip_jax.data import prepare
+  src = sources.WebDatasetSource(wds["glob"])
+  out = str(tmp_path / "ar")
+  summary = prepare.prepare(src, out, records_per_file=16, workers=1)
+  assert summary["written"] == len(wds["usable"]) and summary["skipped"] == wds["skipped"]
+  ar = sources.ArrayRecordSource(out)
+  assert len(ar) == len(wds["usable"]) and len(ar.meta["files"]) == -(-len(ar) // 16)
+  for j, i in enumerate(wds["usable"]):
+    assert ar[j]["image"] == src[i]["image"]
+  with pytest.raises(FileExistsError):
+    prepare.prepare(src, out)
+
+
+def test_mixture_weights_and_determinism(tmp_path):
+  class Numbers:
+    def __init__(self, tag, n):
+      self.tag, self.n = tag, n
+
+    def __len__(self):
+      return self.n
+
+    def __getitem__(self, i):
+      return (self.tag, i)
+
+  a, b = Numbers("a", 30), Numbers("b", 500)
+  mix = sources.Mixture([a, b], [3, 1], seed=0, period=100)
+  assert len(mix) == 500 // 25 * 100 + 100 * (500 % 25 > 0)
+  items = [mix[i] for i in range(len(mix))]
+  frac_a = sum(t == "a" for t, _ in items) / len(items)
+  assert abs(frac_a - 0.75) < 1e-9
+  assert {i for t, i in items if t == "b"} == set(range(500))    # every record of b
+  assert {i for t, i in items if t == "a"} == set(range(30))     # a, oversampled
+  again = sources.Mixture([a, b], [3, 1], seed=0, period=100)
+  assert [again[i] for i in range(300)] == items[:300]
+  other = sources.Mixture([a, b], [3, 1], seed=1, period=100)
+  assert [other[i] for i in range(300)] != items[:300]
+
+
+def test_tfds_source_prepared_locally(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  data_dir = str(tmp_path / "tfds")
+  build_tiny_tfds(tfds, data_dir)
+  src = sources.TfdsSource("siglip_tiny_captions", data_dir=data_dir)
+  assert len(src) == 12
+  pre = _pre()
+  reasons = []
+  for i in range(len(src)):
+    rec = src[i]
+    try:
+      pre.check(rec)
+    except preprocess.BadRecord as e:
+      reasons.append(e.reason)
+  assert reasons == ["blank_caption"]
+
+
+def build_tiny_tfds(tfds, data_dir, n=12):
+  """A TFDS builder made here and prepared offline as ArrayRecord (no download)."""
+
+  class SiglipTinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(n):
+        caps = ["   "] if i == 3 else [f"caption {i} a", f"caption {i} b"]
+        yield i, {"image": np.full((30 + i, 40, 3), 10 * i, np.uint8),
+                  "captions": {"text": caps}}
+
+  SiglipTinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return os.path.join(data_dir, "siglip_tiny_captions")
