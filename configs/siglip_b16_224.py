@@ -2,11 +2,13 @@ r"""SigLIP B/16 at 224 px (text B, vocab 32000, 64 tokens): the GPU speed target
 
     python -m siglip_jax.bench --config=configs/siglip_b16_224.py --batch=256
     python -m siglip_jax.bench --config=configs/siglip_b16_224.py:L/16 --batch=256
-    python -m siglip_jax.preflight --config=configs/siglip_b16_224.py:So400m/14 --devices=8 --chip=H100
+    python -m siglip_jax.preflight --config=configs/siglip_b16_224.py:So400m/14 --devices=8 \
+        --chip=H100
 
 The optional argument after ':' picks another image variant ("L/16", "So400m/14", "g/14"); the
-text tower takes the same width/depth (as published SigLIP pairs them). Training needs real data
-(`--config.input.data=webdataset` once the pipeline lands); the benchmark feeds synthetic batches.
+text tower takes the same width/depth (as published SigLIP pairs them). The benchmark and the
+preflight feed synthetic batches; training reads real data (set `input.data` and its keys as
+configs/webdataset.py does).
 
 Fast-path choices (why):
 - `model.dtype="bfloat16"`: bf16 activations and matmuls, float32 params and optimizer state
@@ -31,8 +33,8 @@ def get_config(arg=None):
   variant = arg or "B/16"
   name = variant.partition("/")[0]
   if name not in _WIDTH:
-    raise ValueError(f"configs/siglip_b16_224.py: variant {variant!r}; use one of "
-                     f"{', '.join(k + '/16' if k != 'So400m' else k + '/14' for k in _WIDTH)}")
+    raise ValueError(f"configs/siglip_b16_224.py: unknown variant {variant!r}; use B/16, L/16, "
+                     "So400m/14 or g/14")
   remat = _REMAT.get(name, "nothing_saveable")
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -84,6 +86,9 @@ def get_config(arg=None):
   c.model_init = ""
   c.model_load = ml_collections.ConfigDict()
   c.model_load.dont_load = ()
+
+  c.peak_tflops = 0.0              # per device, for perf/mfu; 0: from flops.PEAK_TFLOPS
+  c.profile_steps = ""             # "N,M": a jax.profiler trace of steps N..M in DIR/profile/
 
   c.evals = ml_collections.ConfigDict()
   return c

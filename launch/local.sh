@@ -15,7 +15,8 @@
 # and writes its output to LOGDIR/process_<i>.log (appended; LOGDIR defaults to WORKDIR/logs,
 # WORKDIR being the --workdir of the train args). Process 0's log is also echoed to stdout.
 # SIGTERM and SIGINT are forwarded to every process (SIGTERM: each saves a checkpoint at the same
-# step and stops; rerun the same command to resume); a second signal kills them. If a process
+# step and stops; rerun the same command to resume), SIGHUP is passed on as SIGTERM; a second
+# signal stops them (SIGTERM, then SIGKILL). If a process
 # fails, the others are stopped (SIGTERM, then SIGKILL after a few seconds), the failing
 # process's log tail goes to stderr and the script exits with its status. --dry-run prints the
 # commands, one line per process, and runs nothing.
@@ -30,6 +31,7 @@
 # Any other variable of the caller's environment is passed on unchanged, except
 # SIGLIP_JAX_LOCAL_DEVICES and SIGLIP_JAX_CLUSTER, which are removed.
 set -euo pipefail
+((BASH_VERSINFO[0] >= 4)) || { echo "local.sh: error: needs bash >= 4" >&2; exit 2; }
 
 usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
@@ -153,18 +155,21 @@ stop_all() {  # $1: first signal to send; then SIGKILL after the grace period
 }
 
 # shellcheck disable=SC2317  # called from the traps below
-on_signal() {
+on_signal() {  # $1: the signal received, $2: the signal to pass on
   signals=$((signals + 1))
   if ((signals == 1)); then
-    echo "local.sh: got SIG$1: passing it to the $nproc processes" >&2
-    for pid in "${pids[@]}"; do kill "-$1" "$pid" 2>/dev/null || true; done
+    echo "local.sh: got SIG$1: sending SIG$2 to the $nproc processes" >&2 || true
+    for pid in "${pids[@]}"; do kill "-$2" "$pid" 2>/dev/null || true; done
   else
-    echo "local.sh: got SIG$1 again: stopping the processes" >&2
+    echo "local.sh: got SIG$1 again: stopping the processes" >&2 || true
     stop_all TERM
   fi
 }
-trap 'on_signal TERM' TERM
-trap 'on_signal INT' INT
+trap 'on_signal TERM TERM' TERM
+trap 'on_signal INT INT' INT
+# The processes have their own sessions, so a closed terminal reaches only this script: treat
+# it as a preemption (save and stop) rather than leave them running unattended.
+trap 'on_signal HUP TERM' HUP
 
 echo "local.sh: $nproc processes x $ndev CPU devices, coordinator 127.0.0.1:$port," \
   "logs in $logdir/process_<i>.log" >&2

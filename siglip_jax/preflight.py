@@ -1,4 +1,4 @@
-r"""Will this config fit? Compiles the train step on simulated CPU devices, before a pod is reserved.
+r"""Will this config fit? Compiles the train step on simulated CPU devices before a pod is rented.
 
     python -m siglip_jax.preflight --config=configs/siglip_b16_224.py --devices=8 --chip=H100 \
         [--config.KEY=VALUE ...]
@@ -20,8 +20,8 @@ line; exits 1 with the reason when the config cannot fit or is invalid.
 The activation figure comes from XLA:CPU's buffer assignment for the same program, with two
 corrections for what the CPU does differently from a GPU or TPU:
 - XLA:CPU computes bfloat16 in float32 (its temp for a bf16 model equals the float32 model's,
-  measured on B/16), so for a bf16/fp16 `model.dtype` the temp is halved (`--activation_scale`,
-  default auto: 0.5 for 16-bit compute, 1 otherwise);
+  measured on a B/16-width model), so for a bf16/fp16 `model.dtype` the temp is halved
+  (`--activation_scale`, default auto: 0.5 for 16-bit compute, 1 otherwise);
 - cuDNN's fused attention keeps only q, k, v and the output for the backward pass; it does not
   lower on CPU, so it is stood in for by XLA attention under `jax.checkpoint`, which keeps the
   same. Accelerator compilers still fuse and schedule differently: an estimate, not a promise.
@@ -42,16 +42,6 @@ from ml_collections import config_flags
 CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918),
          "H100": (80, 989), "H200": (141, 989)}
 GIB = 1024 ** 3
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (a .py file).",
-                                          lock_config=False)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices (the pod's chips).")
-_CHIP = flags.DEFINE_string("chip", "H100", f"One of {', '.join(CHIPS)} (case-insensitive).")
-_USABLE = flags.DEFINE_float("usable_fraction", 0.9,
-                             "Fraction of HBM the run may use (runtime and fragmentation "
-                             "take the rest).")
-_SCALE = flags.DEFINE_float("activation_scale", -1.0,
-                            "Factor on XLA:CPU's temp; -1: 0.5 for a 16-bit model.dtype, else 1.")
 
 
 def chip_spec(name):
@@ -213,6 +203,24 @@ def table(r):
   return "\n".join(lines)
 
 
+_CONFIG = _DEVICES = _CHIP = _USABLE = _SCALE = None  # set by _define_flags()
+
+
+def _define_flags():
+  """Flags exist only when this module runs as a program, so tests and other modules can
+  import it (absl refuses a flag name defined twice in one process)."""
+  global _CONFIG, _DEVICES, _CHIP, _USABLE, _SCALE
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (a .py file).",
+                                            lock_config=False)
+  _DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices (the pod's chips).")
+  _CHIP = flags.DEFINE_string("chip", "H100", f"One of {', '.join(CHIPS)} (case-insensitive).")
+  _USABLE = flags.DEFINE_float("usable_fraction", 0.9,
+                               "Fraction of HBM the run may use (runtime and fragmentation "
+                               "take the rest).")
+  _SCALE = flags.DEFINE_float("activation_scale", -1.0,
+                              "Factor on XLA:CPU's temp; -1: 0.5 for a 16-bit model.dtype, else 1.")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) are noise here
@@ -242,4 +250,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

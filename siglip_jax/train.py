@@ -18,7 +18,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   # Imported here so `--help` and flag errors answer before JAX starts.
-  from siglip_jax import distributed, experiment, trainer
+  from siglip_jax import checkpoint, distributed, experiment, trainer
   if _CONFIG.value is None:
     sys.exit("error: --config is required (e.g. --config=configs/demo.py)")
   if not _WORKDIR.value:
@@ -26,7 +26,8 @@ def main(argv):
   try:
     distributed.initialize()
     trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (experiment.ConfigError, trainer.TrainingError, distributed.DistributedError) as e:
+  except (experiment.ConfigError, trainer.TrainingError, distributed.DistributedError,
+          checkpoint.CheckpointMismatchError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -37,3 +37,30 @@ def test_gpu_fast_preset_goes_to_xla_flags_not_the_library():
   # The library itself sets no XLA flags.
   import siglip_jax.trainer  # noqa: F401
   assert "latency_hiding" not in os.environ.get("XLA_FLAGS", "")
+
+
+def test_b16_config_is_big_visions_siglip_b16_and_its_variants_load():
+  import importlib.util
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from conftest import REPO
+  from siglip_jax import experiment
+  spec = importlib.util.spec_from_file_location(
+      "b16", os.path.join(REPO, "configs/siglip_b16_224.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for variant in ("L/16", "So400m/14", "g/14"):
+    experiment.check_config(module.get_config(variant))
+  c = module.get_config()
+  experiment.check_config(c)
+  assert (c.input.image_size, c.input.text_len, c.model.text.vocab_size) == (224, 64, 32000)
+  assert (c.model.dtype, c.model.attention_impl) == ("bfloat16", "cudnn")
+  assert experiment.portable_attention(c, "cpu") and c.model.attention_impl == ""
+  model, _ = experiment.make_model(c, 1000)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 64), jnp.int32)))["params"]
+  # big_vision's SigLIP B/16 224 (reference/big_vision_siglip_b16_224_params.json)
+  assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == 203_155_970

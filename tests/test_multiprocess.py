@@ -315,8 +315,9 @@ def test_launcher_stops_the_others_when_a_process_fails(tmp_path):
   assert "started 0 of 2" in out                                      # process 0 echoed
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_launcher_forwards_signals(tmp_path, sig):
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT"),
+                                       (signal.SIGHUP, "TERM")])
+def test_launcher_forwards_signals(tmp_path, sig, name):
   proc, logdir = _fake_launch(tmp_path)
   try:
     assert _wait_for(lambda: all("started" in _log(logdir, i) for i in (0, 1)))
@@ -325,7 +326,6 @@ def test_launcher_forwards_signals(tmp_path, sig):
   finally:
     if proc.poll() is None:
       proc.kill()
-  name = "TERM" if sig == signal.SIGTERM else "INT"
   assert proc.returncode == 0, err
   for i in (0, 1):
     assert f"got {name}" in _log(logdir, i)

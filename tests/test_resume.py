@@ -59,7 +59,7 @@ def _logged(workdir):
   return out
 
 
-def _wait_until(proc, ready, timeout=90, poll=0.01):
+def _wait_until(proc, ready, timeout=300, poll=0.01):   # generous: a loaded machine
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     if ready():

@@ -116,10 +116,12 @@ def decode_image(data, draft_size=None):
     raise BadRecord("image_too_large", str(e)[:120]) from None
   except Image.UnidentifiedImageError as e:
     raise BadRecord("undecodable_image", str(e)[:120]) from None
-  except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-    # PIL says "truncated" when the data ends early; other failures are corrupt streams.
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL says "truncated" when the data ends early. Corrupt streams raise whatever the format
+    # plugin trips on (OSError, SyntaxError, struct.error, ZeroDivisionError, ...): all of them
+    # mean this record, not the run, is bad.
     reason = "truncated_image" if "truncat" in str(e).lower() else "undecodable_image"
-    raise BadRecord(reason, str(e)[:120]) from None
+    raise BadRecord(reason, f"{type(e).__name__}: {str(e)[:120]}") from None
   if img.width < 1 or img.height < 1:
     raise BadRecord("undecodable_image", f"size {img.size}")
   try:

@@ -190,3 +190,17 @@ def test_caption_choice_and_crops_depend_on_slot_not_process(tmp_path):
     x, y = a.example(s), b.example(s)
     np.testing.assert_array_equal(x[0]["image"], y[0]["image"])
     np.testing.assert_array_equal(x[0]["text"], y[0]["text"])
+
+
+def test_examples_fn_serves_the_same_stream_to_index_based_callers(wds):
+  """`experiment.make_train_source` for real data: slots -> float images and captions."""
+  import ml_collections
+  from siglip_jax import experiment
+  config = ml_collections.ConfigDict({"seed": 0, "input": {
+      "data": "webdataset", "shards": wds["glob"], "batch_size": 16, "image_size": 16,
+      "text_len": 8}})
+  out = experiment.make_train_source(config)(np.arange(16, 20))
+  assert out["image"].shape == (4, 16, 16, 3) and out["image"].dtype == np.float32
+  assert -1 <= out["image"].min() and out["image"].max() <= 1
+  records = _loader(sources.WebDatasetSource(wds["glob"]), range(16))(1)["record"][:4]
+  assert out["text"] == [f"photo number {r}" for r in records]

@@ -1,8 +1,6 @@
 """Sources (WebDataset, folder, ArrayRecord, TFDS, mixtures) and preprocessing."""
 import io
 import json
-import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from PIL import Image
 
 from siglip_jax.data import preprocess, sources
 
-from wds_fixtures import BAD, ODD, colour, wds  # noqa: F401  pylint: disable=unused-import
+from wds_fixtures import BAD, ODD, TFDS_NAME, colour, tiny_tfds_dir, wds  # noqa: F401  pylint: disable=unused-import
 
 
 def _pre(**kw):
@@ -156,43 +154,19 @@ def test_mixture_weights_and_determinism(tmp_path):
   assert [other[i] for i in range(300)] != items[:300]
 
 
-def test_tfds_source_prepared_locally(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  data_dir = str(tmp_path / "tfds")
-  build_tiny_tfds(tfds, data_dir)
-  src = sources.TfdsSource("siglip_tiny_captions", data_dir=data_dir)
+def test_tfds_source_prepared_locally(tmp_path_factory):
+  data_dir = tiny_tfds_dir(tmp_path_factory)
+  if data_dir is None:
+    pytest.skip("tensorflow_datasets is not installed (the [data] extra)")
+  src = sources.TfdsSource(TFDS_NAME, data_dir=data_dir)
   assert len(src) == 12
   pre = _pre()
   reasons = []
   for i in range(len(src)):
     rec = src[i]
+    assert isinstance(rec["image"], bytes)   # read undecoded: we decode (and judge) it
     try:
       pre.check(rec)
     except preprocess.BadRecord as e:
       reasons.append(e.reason)
   assert reasons == ["blank_caption"]
-
-
-def build_tiny_tfds(tfds, data_dir, n=12):
-  """A TFDS builder made here and prepared offline as ArrayRecord (no download)."""
-
-  class SiglipTinyCaptions(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(n):
-        caps = ["   "] if i == 3 else [f"caption {i} a", f"caption {i} b"]
-        yield i, {"image": np.full((30 + i, 40, 3), 10 * i, np.uint8),
-                  "captions": {"text": caps}}
-
-  SiglipTinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
-  return os.path.join(data_dir, "siglip_tiny_captions")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DEMO, run_module
-from wds_fixtures import wds  # noqa: F401  pylint: disable=unused-import
+from wds_fixtures import TFDS_NAME, tiny_tfds_dir, wds  # noqa: F401  pylint: disable=unused-import
 
 # The demo's tiny-model overrides on the WebDataset config (12 steps of 16: 192 examples, more
 # than the 50-record set, so the run wraps into a new epoch).
@@ -55,22 +55,18 @@ def test_train_12_steps_with_bad_records_then_resume_exactly(wds, tmp_path):
     np.testing.assert_allclose(again[s]["train/loss"], rows[s]["train/loss"], rtol=1e-5)
 
 
-def test_train_from_a_mixture_of_a_prepared_set_and_a_tfds_set(wds, tmp_path):
+def test_train_from_a_mixture_of_a_prepared_set_and_a_tfds_set(wds, tmp_path, tmp_path_factory):
   """input.mixture: an ArrayRecord set made by `prepare` and (where TFDS is installed) a TFDS
   set prepared here, else the raw shards."""
   pytest.importorskip("array_record")
   from siglip_jax.data import prepare, sources
   out = str(tmp_path / "prepared")
   prepare.prepare(sources.WebDatasetSource(wds["glob"]), out, workers=1)
-  second = ("webdataset", {"shards": wds["glob"]}, 1.0)
-  try:
-    import tensorflow_datasets as tfds   # pylint: disable=import-outside-toplevel
-    from test_sources import build_tiny_tfds
-    data_dir = str(tmp_path / "tfds")
-    build_tiny_tfds(tfds, data_dir)
-    second = ("tfds", {"tfds_name": "siglip_tiny_captions", "tfds_data_dir": data_dir}, 1.0)
-  except ImportError:
-    pass
+  data_dir = tiny_tfds_dir(tmp_path_factory)
+  if data_dir is None:
+    second = ("webdataset", {"shards": wds["glob"]}, 1.0)
+  else:
+    second = ("tfds", {"tfds_name": TFDS_NAME, "tfds_data_dir": data_dir}, 1.0)
   mixture = (("folder", {"dir": out}, 1.0), second)
   workdir = str(tmp_path / "run")
   run_module("siglip_jax.train", TINY + [
@@ -81,17 +77,32 @@ def test_train_from_a_mixture_of_a_prepared_set_and_a_tfds_set(wds, tmp_path):
   assert np.isfinite(row["train/loss"]) and "data/skipped" in row
 
 
+def _load_config(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs",
+                                                                           f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["webdataset", "tfds_coco"])
+def test_configs_keep_the_contract(name):
+  from siglip_jax import experiment
+  config = _load_config(name)
+  experiment.check_config(config)   # every required key, valid values
+  assert config.input.data == {"webdataset": "webdataset", "tfds_coco": "tfds"}[name]
+  if name == "tfds_coco":
+    assert (config.input.tfds_name, config.input.image_key, config.input.text_key) == (
+        "coco_captions", "image", "captions/text")
+
+
 def test_no_shards_is_a_config_error_naming_input(tmp_path):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from siglip_jax import experiment
   from siglip_jax.data import tokenizer
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("wds_cfg", os.path.join(REPO, "configs",
-                                                                         "webdataset.py"))
-  cfg = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cfg)
-  config = cfg.get_config()
+  config = _load_config("webdataset")
   sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
   for shards, message in (("", "input.shards"), (f"{tmp_path}/no-*.tar", "no WebDataset shards")):
     config.input.shards = shards

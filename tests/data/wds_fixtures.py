@@ -104,3 +104,41 @@ def make_shards(directory, *, num_good=40, num_shards=3, seed=0, odd_and_bad=Tru
 def wds(tmp_path_factory):
   """Import it into a test module (`from wds_fixtures import wds`) to use it there."""
   return make_shards(str(tmp_path_factory.mktemp("wds")))
+
+
+TFDS_NAME = "siglip_tiny_captions"
+_TFDS_DIRS = {}
+
+
+def tiny_tfds_dir(tmp_path_factory, n=12):
+  """A TFDS data set built here and prepared offline as ArrayRecord (no download), once per
+  test session; None where tensorflow_datasets is not installed. Record 3 has a blank caption."""
+  try:
+    import tensorflow_datasets as tfds   # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  if n in _TFDS_DIRS:
+    return _TFDS_DIRS[n]
+
+  class SiglipTinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(n):
+        caps = ["   "] if i == 3 else [f"caption {i} a", f"caption {i} b"]
+        yield i, {"image": np.full((30 + i, 40, 3), 10 * i, np.uint8),
+                  "captions": {"text": caps}}
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  SiglipTinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  _TFDS_DIRS[n] = data_dir
+  return data_dir

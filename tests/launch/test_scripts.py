@@ -54,7 +54,8 @@ def _executable(path, text):
   return path
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if os.path.exists(os.path.join(REPO, s))])
+@pytest.mark.parametrize("script", [s for s in SCRIPTS + ["benchmarks/gpu_run.sh"]
+                                    if os.path.exists(os.path.join(REPO, s))])
 def test_shellcheck(script):
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
@@ -279,7 +280,8 @@ def test_tpu_resumes_after_preemption(tmp_path):
   calls = [line.split()[2:4] for line in (tmp_path / "calls").read_text().splitlines()]
   verbs = [c[1] for c in calls if c[1] in ("create", "delete")]
   assert verbs == ["create", "delete", "create"], calls      # recreated after the preemption
-  assert (tmp_path / "logs/attempt_1/0.log").exists() and (tmp_path / "logs/attempt_2/0.log").exists()
+  for attempt in (1, 2):
+    assert (tmp_path / f"logs/attempt_{attempt}/0.log").exists()
   assert "training completed (attempt 2)" in proc.stderr
 
 
