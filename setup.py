@@ -24,12 +24,19 @@ EXTRAS = {
     # Real data sets: TFDS / ArrayRecord sources, Grain loader, TensorBoard via clu.
     "data": ["grain>=0.2.12", "array-record>=0.7", "tensorflow-cpu", "tensorflow-datasets>=4.9",
              "clu", "tensorboard"],
+    # gs:// workdirs: etils.epath reaches GCS through TensorFlow's gfile when TensorFlow is
+    # installed, else through fsspec + gcsfs; orbax's step listing asks google-cloud-storage
+    # whether the bucket has a hierarchical namespace. (Checkpoint arrays: TensorStore, built in.)
+    "gcs": ["gcsfs", "google-cloud-storage"],
     "notebooks": ["matplotlib", "nbformat", "nbclient", "ipykernel"],
     # A CPU torch lies on this kind of machine's disk; an unpinned torch pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45", "matplotlib",
              "nbformat", "nbclient", "ipykernel", "grain>=0.2.12",
              # TensorBoard's own reader checks our TF-free event files (no TensorFlow needed).
-             "tensorboard"],
+             "tensorboard",
+             # A TFDS data set prepared locally is one of the tested sources (only building it
+             # imports TensorFlow; reading goes through tfds.data_source).
+             "tensorflow-cpu", "tensorflow-datasets>=4.9"],
 }
 
 setup(

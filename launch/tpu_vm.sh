@@ -38,7 +38,7 @@
 #   REMOTE_DIR          code folder on the workers, relative to the home folder
 #                       (default: siglip_jax)
 #   SETUP_CMD           run in REMOTE_DIR on every worker before training (default: uv builds
-#                       .venv with Python 3.11, `pip install -e . jax[tpu]`)
+#                       .venv with Python 3.11, `pip install -e .[gcs] jax[tpu]`: gs:// clients)
 #   REMOTE_PYTHON       interpreter on the workers (default: .venv/bin/python)
 #   REMOTE_ENV          extra VAR=value words for the training processes (e.g. XLA flags)
 #   LOG_DIR             local log folder (default: logs/tpu/TPU_NAME)
@@ -85,7 +85,7 @@ ship="${SHIP:-copy}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 remote_dir="${REMOTE_DIR:-siglip_jax}"
 remote_python="${REMOTE_PYTHON:-.venv/bin/python}"
-setup_cmd="${SETUP_CMD:-python3 -m pip install -q --user -U uv && python3 -m uv venv -q --allow-existing --python 3.11 .venv && python3 -m uv pip install -q -p .venv/bin/python -e . 'jax[tpu]'}"
+setup_cmd="${SETUP_CMD:-python3 -m pip install -q --user -U uv && python3 -m uv venv -q --allow-existing --python 3.11 .venv && python3 -m uv pip install -q -p .venv/bin/python -e '.[gcs]' 'jax[tpu]'}"
 logdir="${LOG_DIR:-logs/tpu/$tpu}"
 max_restarts="${MAX_RESTARTS:-20}"
 poll="${POLL_SECONDS:-60}"

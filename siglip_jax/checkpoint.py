@@ -6,11 +6,13 @@ Layout: `DIR/checkpoints/<step>/` holds three orbax items:
   config/  the run's config as JSON, so a checkpoint says how it was made
 Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a
 process killed mid-write leaves only a tmp dir, which the manager ignores and removes at start-up.
+On GCS (`gs://` workdirs) orbax writes into `<step>/` directly and marks a finished step with a
+`commit_success.txt` file instead; its step listing counts only committed steps either way.
+DIR may be a local folder (made absolute) or a URL, kept as it is (see `siglip_jax.paths`).
 """
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from siglip_jax import mesh as mesh_lib
+from siglip_jax import mesh as mesh_lib, paths
 
 _ITEMS = ("state", "extra", "config")
 _log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class Checkpointer:
   """Saves and restores `DIR/checkpoints/<step>/`; see the module docstring."""
 
   def __init__(self, workdir, ckpt_cfg, *, config=None):
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    # A local workdir is made absolute; a URL (gs://b/x) is kept: gs://b/x/checkpoints.
+    self.directory = os.fspath(paths.resolve(workdir) / "checkpoints")
     self.every_steps = int(ckpt_cfg.every_steps)
     keep, keep_every = int(ckpt_cfg.keep), int(ckpt_cfg.get("keep_every", 0) or 0)
     # LatestN(0) would delete the checkpoint just written: at least one is always kept.
@@ -104,9 +107,10 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         cleanup_tmp_directories=True,   # tmp dirs of saves killed mid-write
         enable_async_checkpointing=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=dict(
-        state=ocp.StandardCheckpointHandler(), extra=ocp.JsonCheckpointHandler(),
-        config=ocp.JsonCheckpointHandler()))
+    self._mngr = ocp.CheckpointManager(
+        paths.resolve(self.directory), options=options, item_handlers=dict(
+            state=ocp.StandardCheckpointHandler(), extra=ocp.JsonCheckpointHandler(),
+            config=ocp.JsonCheckpointHandler()))
     self._config = json.loads(config.to_json_best_effort()) if config is not None else {}
     self._preempted = threading.Event()
     self._previous_handler = None
@@ -181,7 +185,7 @@ class Checkpointer:
     lines = _describe_mismatch(saved, wanted)
     if lines:
       raise CheckpointMismatchError(
-          f"checkpoint {os.path.join(self.directory, str(step))} does not fit this config "
+          f"checkpoint {paths.join(self.directory, str(step))} does not fit this config "
           "(were model or optimizer settings changed?):\n" + "\n".join(lines))
 
   def _restore_step(self, step, target):
@@ -238,11 +242,11 @@ class Checkpointer:
       _log.warning("checkpoint step %d in %s is damaged (%s); resuming from step %d; "
                    "moved it to %s", s, self.directory, _first_line(e), used_step, aside)
       if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        dest = os.path.join(aside, str(s))
-        if os.path.exists(dest):
+        paths.makedirs(aside)
+        dest = paths.join(aside, str(s))
+        if paths.exists(dest):
           dest += f".{int(time.time())}"
-        shutil.move(os.path.join(self.directory, str(s)), dest)
+        paths.move(paths.join(self.directory, str(s)), dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("siglip_jax.checkpoint.set_aside")
     self._mngr.reload()
@@ -252,24 +256,30 @@ class Checkpointer:
 
 def _locate(path):
   """A workdir, its checkpoints/ folder or one step folder -> (checkpoints dir, step)."""
-  path = os.path.abspath(os.fspath(path))
+  path = os.fspath(paths.resolve(path))   # absolute if local; a URL as it is
   base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+  if base.isdigit() and paths.isdir(paths.join(path, "state")):
     return os.path.dirname(path), int(base)
-  directory = os.path.join(path, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.join(path, "checkpoints")
+  if not paths.isdir(directory):
     directory = path
-  step = _reader(directory).latest_step() if os.path.isdir(directory) else None
+  step = _reader(directory).latest_step() if paths.isdir(directory) else None
   if step is None:
     raise FileNotFoundError(f"no siglip_jax checkpoint at {path} (expected a workdir with "
                             "checkpoints/<step>/ or one checkpoints/<step>/ folder)")
   return directory, step
 
 
+def committed_steps(directory):
+  """The steps of the complete checkpoints in a checkpoints/ folder (local or URL), sorted; []
+  if there is none. Orbax's own listing: on GCS a `<step>/` folder exists while it is written."""
+  return sorted(_reader(directory).all_steps()) if paths.isdir(directory) else []
+
+
 def _reader(directory):
   # Read-only: no tmp-dir clean-up, no deletions, nothing created.
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(directory, options=options, item_handlers=dict(
+  return ocp.CheckpointManager(paths.resolve(directory), options=options, item_handlers=dict(
       state=ocp.PyTreeCheckpointHandler(), extra=ocp.JsonCheckpointHandler(),
       config=ocp.JsonCheckpointHandler()))
 

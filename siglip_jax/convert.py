@@ -14,10 +14,12 @@ import sys
 
 from absl import app, flags, logging
 
-_SRC = flags.DEFINE_string("src", None, "Workdir, checkpoint folder, big_vision .npz or HF folder.")
-_TO = flags.DEFINE_string("to", None, "Output format: hf or big_vision.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (hf) or .npz file (big_vision).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+def _define_flags():
+  # Only when run as a program: other CLIs in the package define flags of the same names.
+  flags.DEFINE_string("src", None, "Workdir, checkpoint folder, big_vision .npz or HF folder.")
+  flags.DEFINE_string("to", None, "Output format: hf or big_vision.")
+  flags.DEFINE_string("out", None, "Output folder (hf) or .npz file (big_vision).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 
 def convert(src, to, out, *, overwrite=False):
@@ -64,15 +66,16 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)   # orbax warns that a read-only checkpoint is read-only
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  for flag, name in ((_SRC, "--src"), (_TO, "--to"), (_OUT, "--out")):
-    if not flag.value:
-      _fail(f"{name} is required")
+  f = flags.FLAGS
+  for name in ("src", "to", "out"):
+    if not f[name].value:
+      _fail(f"--{name} is required")
   try:
-    spec = convert(_SRC.value, _TO.value, _OUT.value, overwrite=_OVERWRITE.value)
+    spec = convert(f.src, f.to, f.out, overwrite=f.overwrite)
   except (ValueError, OSError) as e:
     _fail(str(e))
   i, t = spec["image"], spec["text"]
-  print(f"wrote {_OUT.value} ({_TO.value}): image {spec['image_size']}px/{i['patch_size'][0]} "
+  print(f"wrote {f.out} ({f.to}): image {spec['image_size']}px/{i['patch_size'][0]} "
         f"width {i['width']} depth {i['depth']}; text len {spec['text_len']} vocab "
         f"{t['vocab_size']} width {t['width']} depth {t['depth']}")
 
@@ -84,4 +87,5 @@ def _fail(message):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

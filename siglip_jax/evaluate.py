@@ -7,11 +7,11 @@ saved beside it, and the run's own evaluators (`config.evals`), or those of `--c
 `--config.evals...` overrides work as in training). Prints a short table, then the metrics as ONE
 JSON object on the last line of stdout (`{"step": N, "<dataset>/<metric>": ...}`), and appends
 them to DIR/metrics.jsonl (and DIR's TensorBoard events) under that checkpoint's step, so a
-later evaluation sits on the run's curves. Shards over every device, like training.
+later evaluation sits on the run's curves. Shards over every device, like training. DIR may be
+a URL (`gs://bucket/run`), as in training.
 """
 import json
 import math
-import os
 import sys
 
 from absl import app, flags, logging
@@ -26,11 +26,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest
 def checkpoint_step(workdir, step=None):
   """The step to evaluate: `step` if its checkpoint exists, else the latest committed one.
 
-  Orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>` only when a save is complete, so a
-  purely numeric folder is a whole checkpoint."""
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if d.isdigit())
+  Orbax's listing of committed steps: locally it renames `<step>.orbax-checkpoint-tmp*` to
+  `<step>` once a save is complete; on GCS it marks `<step>/` with `commit_success.txt`."""
+  from siglip_jax import checkpoint, paths
+  directory = paths.join(workdir, "checkpoints")
+  steps = checkpoint.committed_steps(directory)
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {directory}")
   if step is None:
@@ -78,7 +78,8 @@ def evaluate(workdir, override=None, step=None):
   import jax
   from siglip_jax import experiment, metrics, trainer
   step = checkpoint_step(workdir, step)
-  ckpt_dir = os.path.join(workdir, "checkpoints", str(step))
+  from siglip_jax import paths
+  ckpt_dir = paths.join(workdir, "checkpoints", str(step))
   config = run_config(ckpt_dir, override)
   evaluators = experiment.make_evaluators(config)
   if not evaluators:

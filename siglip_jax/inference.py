@@ -132,16 +132,18 @@ def _checkpoint_source(path):
 
 
 def read_source(path):
-  """A training workdir, a checkpoint folder, a big_vision `.npz` or an HF SigLIP folder."""
+  """A training workdir, a checkpoint folder, a big_vision `.npz` or an HF SigLIP folder; all
+  but the HF folder may also be URLs (gs://...)."""
+  from siglip_jax import paths
   from siglip_jax.interop import big_vision, hf
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"no such file or folder: {path}")
-  if os.path.isfile(path):
+  if paths.isfile(path):
     if not path.endswith(".npz"):
       raise ValueError(f"{path}: a file must be a big_vision .npz checkpoint")
     return Source(*big_vision.load_npz(path), None, "big_vision")
-  if hf.is_hf_folder(path):
+  if not paths.is_remote(path) and hf.is_hf_folder(path):
     return Source(*hf.load(path), "hf")
   return _checkpoint_source(path)
 

@@ -2,14 +2,20 @@
 
 Only process 0 writes; every other process gets writers that do nothing, so callers never
 branch on the process index.
+
+The workdir may be a local folder or a URL (`gs://bucket/run`). Locally, metrics.jsonl is
+appended to and flushed per row. Object stores cannot append: for a URL the rows are kept in
+memory and the whole object rewritten on flush, at most every `paths.REMOTE_FLUSH_SECONDS` and
+on close (`paths.AppendFile`); rows already in the object (a resumed run) are kept.
 """
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
+
+from siglip_jax import paths
 
 
 def _to_python(value):
@@ -18,11 +24,12 @@ def _to_python(value):
 
 
 class JsonlWriter:
-  """Appends one JSON object a line to `workdir/metrics.jsonl`, flushed as written."""
+  """Appends one JSON object a line to `workdir/metrics.jsonl`, flushed as written (for a URL
+  workdir: rewritten, see the module docstring)."""
 
   def __init__(self, workdir, enabled=True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._file = paths.AppendFile(self.path) if enabled else None
 
   def write(self, step, metrics):
     if self._file is None:
@@ -34,7 +41,7 @@ class JsonlWriter:
       if isinstance(v, float) and not math.isfinite(v):
         v = str(v)
       row[k] = v
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write((json.dumps(row) + "\n").encode("utf-8"))
     self._file.flush()
 
   def close(self):

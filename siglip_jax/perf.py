@@ -8,11 +8,13 @@
                             live in host memory, so that is what they use (and an upper bound)
 """
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 
-from siglip_jax import flops
+from siglip_jax import flops, paths
 
 _GIB = 2.0 ** 30
 
@@ -90,19 +92,24 @@ class StepProfiler:
 
   TensorBoard's profile plugin reads `profile/plugins/profile/<run>/*.xplane.pb`; the
   `perfetto_trace.json.gz` beside it opens in Perfetto (ui.perfetto.dev) without TensorBoard.
+  jax.profiler writes local files: for a URL workdir (gs://...) the trace goes to a local
+  temporary folder and is copied to `workdir/profile/` when it stops.
   """
 
   def __init__(self, spec, workdir):
     self.window = parse_steps(spec)
-    self.logdir = os.path.join(workdir, "profile")
+    self.logdir = paths.join(workdir, "profile")
     if jax.process_count() > 1:   # processes on one host would write the same <host>.xplane.pb
-      self.logdir = os.path.join(self.logdir, f"process_{jax.process_index()}")
+      self.logdir = paths.join(self.logdir, f"process_{jax.process_index()}")
+    self.trace_dir = self.logdir
     self.active = self.done = False
 
   def before_step(self, step):
     # Any step inside the window starts it: a run resumed mid-window still gets its trace.
     if self.window and self.window[0] <= step <= self.window[1] and not (self.active or self.done):
-      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
+      if paths.is_remote(self.logdir):
+        self.trace_dir = tempfile.mkdtemp(prefix="siglip_jax_profile_")
+      jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True)
       self.active = True
 
   def after_step(self, step, outputs):
@@ -114,3 +121,6 @@ class StepProfiler:
     if self.active:
       self.active, self.done = False, True
       jax.profiler.stop_trace()
+      if self.trace_dir != self.logdir:
+        paths.upload_tree(self.trace_dir, self.logdir)
+        shutil.rmtree(self.trace_dir, ignore_errors=True)

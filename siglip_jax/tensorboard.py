@@ -7,6 +7,11 @@ TFRecord framing (length, masked CRC32C of the length, payload, masked CRC32C of
 around `Event` protos, each holding a `Summary` of scalar `simple_value`s. Only scalars are
 written; TensorBoard reads such files as its own. `read_scalars` reads them back (for tests and
 for a quick look without TensorBoard).
+
+A URL workdir (`gs://bucket/run`) works too: clu's writer (TensorFlow) writes it natively;
+`EventFileWriter` goes through `paths.AppendFile`, which rewrites the event file object on flush
+(object stores cannot append; at most every `paths.REMOTE_FLUSH_SECONDS`, and on close);
+tensorboardX is not picked for URLs.
 """
 import importlib.util
 import math
@@ -16,6 +21,9 @@ import struct
 import time
 
 import numpy as np
+from etils import epath
+
+from siglip_jax import paths
 
 # --------------------------------------------------------------------------- CRC32C (Castagnoli)
 
@@ -169,8 +177,11 @@ def decode_event(buf):
 def read_records(path):
   """The payloads of a TFRecord file; raises ValueError on a bad CRC (a torn last record of a
   file still being written is left out, as TensorBoard does)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  if paths.is_remote(path):
+    data = epath.Path(path).read_bytes()
+  else:
+    with open(path, "rb") as f:
+      data = f.read()
   pos, out = 0, []
   while pos + 12 <= len(data):
     header = data[pos:pos + 8]
@@ -189,7 +200,7 @@ def read_records(path):
 
 
 def event_files(logdir):
-  return sorted(os.path.join(logdir, f) for f in os.listdir(logdir) if ".tfevents." in f)
+  return sorted(paths.join(logdir, f) for f in paths.listdir(logdir) if ".tfevents." in f)
 
 
 def read_scalars(logdir):
@@ -221,15 +232,16 @@ def _scalars(metrics):
 
 
 class EventFileWriter:
-  """Scalars to `logdir/events.out.tfevents.<time>.<host>`, flushed per write."""
+  """Scalars to `logdir/events.out.tfevents.<time>.<host>`, flushed per write (a URL `logdir`:
+  rewritten, see the module docstring)."""
 
   def __init__(self, logdir):
-    os.makedirs(logdir, exist_ok=True)
+    paths.makedirs(logdir)
     now = time.time()
     # The pid keeps two writers started in one second (train, then evaluate) apart.
     name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.siglip_jax"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
+    self.path = paths.join(logdir, name)
+    self._file = paths.AppendFile(self.path)
     self._file.write(frame_record(encode_event(now, file_version="brain.Event:2")))
     self._file.flush()
 
@@ -279,6 +291,8 @@ def make_writer(workdir, backend=None):
 
   `backend`: None picks the first available of "clu", "tensorboardx", "events"."""
   order = [backend] if backend else ["clu", "tensorboardx", "events"]
+  if paths.is_remote(workdir) and not backend:
+    order.remove("tensorboardx")   # its own URL writers need their own clients; not relied on
   for name in order:
     try:
       if name == "clu":

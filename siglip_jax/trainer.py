@@ -1,12 +1,11 @@
 """The training loop: wires mesh, state, data, the jitted step, checkpoints, evals, metrics."""
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, optim, step
-from siglip_jax import perf
+from siglip_jax import paths, perf
 
 
 class TrainingError(RuntimeError):
@@ -106,8 +105,11 @@ def _check_finite(state):
 
 def train(config, workdir):
   parts = build(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  # A local folder or a URL (gs://...; see siglip_jax.paths). A bucket needs no folders: one
+  # placeholder from process 0, not one write of the same object from every host.
+  if is_main or not paths.is_remote(workdir):
+    paths.makedirs(workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, config=config)
   state, data_state = initial_state(config, parts, ckpt)
   first = int(jax.device_get(state.step))

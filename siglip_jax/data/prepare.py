@@ -19,12 +19,14 @@ from absl import app, flags
 
 from siglip_jax.data import check, sources
 
-_SRC = flags.DEFINE_string("src", None, "Tar shards (glob, ',' for several) or a folder with "
-                           "captions.jsonl (or with *.tar shards).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (created; must not hold a data set).")
-_PER_FILE = flags.DEFINE_integer("records_per_file", 10_000, "Records per ArrayRecord file.")
-_DROP_BAD = flags.DEFINE_bool("drop_bad", True, "Leave out the records training would skip.")
-_WORKERS = flags.DEFINE_integer("workers", 0, "Processes for checking records (0: one a core).")
+def _define_flags():
+  # Only when run as a program: other CLIs in the package define flags of the same names.
+  flags.DEFINE_string("src", None, "Tar shards (glob, ',' for several) or a folder with "
+                      "captions.jsonl (or with *.tar shards).")
+  flags.DEFINE_string("out", None, "Output folder (created; must not hold a data set).")
+  flags.DEFINE_integer("records_per_file", 10_000, "Records per ArrayRecord file.")
+  flags.DEFINE_bool("drop_bad", True, "Leave out the records training would skip.")
+  flags.DEFINE_integer("workers", 0, "Processes for checking records (0: one a core).")
 
 
 def open_src(src):
@@ -79,16 +81,18 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
 
 def main(argv):
   del argv
-  if not _SRC.value or not _OUT.value:
+  f = flags.FLAGS
+  if not f.src or not f.out:
     sys.exit("error: --src and --out are required")
   try:
-    source = open_src(_SRC.value)
-    summary = prepare(source, _OUT.value, records_per_file=_PER_FILE.value,
-                      drop_bad=_DROP_BAD.value, workers=_WORKERS.value)
+    source = open_src(f.src)
+    summary = prepare(source, f.out, records_per_file=f.records_per_file,
+                      drop_bad=f.drop_bad, workers=f.workers)
   except (ValueError, OSError) as e:
     sys.exit(f"error: {e}")
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -57,7 +57,7 @@ PROMPT_TEMPLATES = (
 
 _TRAIN, _HELDOUT, _UNSEEN = 0, 1, 2
 _SPLIT_STREAMS = {"heldout": _HELDOUT, "unseen": _UNSEEN}
-_SIZE_RANGE = (0.20, 0.40)  # shape radius as a fraction of the image side
+_SIZE_RANGE = (0.25, 0.42)  # shape radius as a fraction of the image side (>= 8 px at 32 px)
 # Shapes that turn into another class (or an "x") when rotated far get a small rotation only.
 _ROT_LIMIT_DEG = {"square": 15.0, "diamond": 15.0, "cross": 15.0, "heart": 20.0}
 _NUM_UNIFORMS = 17

@@ -13,6 +13,7 @@ A "spec" (the dict `infer_spec` returns) describes a two-tower model completely:
   text:  width, depth, mlp_dim, num_heads, vocab_size, pool_type
   out_dim (image, text head widths or None), bias_init (None: no `b`), image_size, text_len.
 """
+import io
 import math
 import os
 import re
@@ -49,9 +50,12 @@ def _as_float32(name, arr, path):
 
 def read_npz(path):
   """{name: float32 array} of a big_vision `.npz`, `params/` prefix stripped. Never unpickles."""
+  from siglip_jax import paths
   path = os.fspath(path)
   try:
-    data = np.load(path, allow_pickle=False)
+    # A URL (gs://big_vision/...) is read whole through etils.epath; a local file directly.
+    data = np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path,
+                   allow_pickle=False)
   except FileNotFoundError:
     raise
   except (ValueError, OSError, zipfile.BadZipFile) as e:
