@@ -21,7 +21,7 @@ from conftest import REPO, TINY_DEMO, cli_env, run_module
 LOCAL_SH = os.path.join(REPO, "launch", "local.sh")
 STEPS = 8
 TRAIN = [*TINY_DEMO, f"--config.total_steps={STEPS}", "--config.log_every_steps=1"]
-TIMEOUT = 300
+TIMEOUT = 600
 
 
 def _train_losses(workdir):

@@ -31,6 +31,9 @@ class FakeGCS(MemoryFileSystem):
 def gcs(monkeypatch):
   # etils would take TensorFlow's gfile (real GCS) where TensorFlow is installed: use fsspec.
   monkeypatch.setenv("EPATH_USE_TF", "false")
+  # Once TensorFlow is imported (the TFDS tests do), other code paths still pick gfile: pin it.
+  from etils.epath import gpath
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   FakeGCS.store.clear()
   FakeGCS.pseudo_dirs[:] = [""]
   fake, real = FakeGCS(skip_instance_cache=True), epath_backend.fsspec_backend.fs
