@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_jax import losses
+from siglip_jax import losses, mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -88,5 +88,4 @@ def make_train_step(model, tx, loss_fn, lr_fn):
 
 
 def make_loss_fn(loss_kind, mesh):
-  from siglip_jax import mesh as mesh_lib  # ground floor; imported here to keep the API small
   return losses.make_loss_fn(loss_kind, mesh=mesh, batch_axes=mesh_lib.batch_axes(mesh))
