@@ -41,6 +41,7 @@ die() {
   echo "local.sh: error: $*" >&2
   exit 2
 }
+q() { printf '%q' "$1"; }  # a value inside a message, on one line
 
 nproc=""
 ndev=""
@@ -60,13 +61,15 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1' (train arguments go after --; see --help)" ;;
+    *) die "unknown option $(q "$1") (train arguments go after --; see --help)" ;;
   esac
 done
 
-[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "-n NPROC must be a positive integer (got '${nproc}')"
-[[ "$ndev" =~ ^[1-9][0-9]*$ ]] || die "-d DEVICES_PER_PROC must be a positive integer (got '${ndev}')"
-[[ -z "$port" || "$port" =~ ^[1-9][0-9]*$ ]] || die "--port must be a port number (got '${port}')"
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "-n NPROC must be a positive integer (got $(q "$nproc"))"
+[[ "$ndev" =~ ^[1-9][0-9]*$ ]] ||
+  die "-d DEVICES_PER_PROC must be a positive integer (got $(q "$ndev"))"
+[[ -z "$port" || "$port" =~ ^[1-9][0-9]*$ ]] ||
+  die "--port must be a port number (got $(q "$port"))"
 (($#)) || die "no train arguments after -- (e.g. -- --config=configs/demo.py --workdir=DIR)"
 train_args=("$@")
 
@@ -95,6 +98,9 @@ elif [[ -x "$repo/.venv/bin/python" ]]; then
 else
   python="python3"
 fi
+# `env` runs it: a leading '-' would be read as an option and a NAME=value word as a setting.
+[[ "$python" != -* && "$python" != *=* ]] ||
+  die "PYTHON must be an interpreter path without '=' or a leading '-' (got $(q "$python"))"
 
 if [[ -z "$port" ]]; then
   port="$("$python" -c 'import socket
@@ -103,8 +109,10 @@ s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])')" || die "could not pick a free port with $python (give --port)"
 fi
 
+# XLA_FLAGS's words, split at blanks only: a glob in a flag is not matched against file names.
+read -r -d '' -a flags <<<"${XLA_FLAGS:-}" || true
 xla_flags=""
-for flag in ${XLA_FLAGS:-}; do
+for flag in ${flags[@]+"${flags[@]}"}; do
   [[ "$flag" == --xla_force_host_platform_device_count=* ]] && continue
   xla_flags+="$flag "
 done

@@ -35,18 +35,23 @@
 #   SPOT=1 | RESERVED=1 request a spot slice / use a reservation (default: on-demand)
 #   SHIP                copy (default) or git
 #   REPO_URL, GIT_REF   for SHIP=git (GIT_REF default: this checkout's HEAD commit)
-#   REMOTE_DIR          code folder on the workers, relative to the home folder
-#                       (default: siglip_jax)
-#   SETUP_CMD           run in REMOTE_DIR on every worker before training (default: uv builds
-#                       .venv with Python 3.11, `pip install -e .[gcs] jax[tpu]`: gs:// clients)
+#   REMOTE_DIR          code folder on the workers, relative to the home folder, without . or
+#                       .. parts: it is deleted and rewritten on each attempt (default: siglip_jax)
+#   SETUP_CMD           shell command run as written in REMOTE_DIR on every worker before
+#                       training (default: uv builds .venv with Python 3.11,
+#                       `pip install -e .[gcs] jax[tpu]`: gs:// clients)
 #   REMOTE_PYTHON       interpreter on the workers (default: .venv/bin/python)
-#   REMOTE_ENV          extra VAR=value words for the training processes (e.g. XLA flags)
+#   REMOTE_ENV          extra NAME=value words for the training processes, quoted as in a shell
+#                       where a value has spaces; nothing in them is expanded, e.g.
+#                       REMOTE_ENV="XLA_FLAGS='--xla_a=1 --xla_b=2' TPU_STDERR_LOG_LEVEL=0"
 #   LOG_DIR             local log folder (default: logs/tpu/TPU_NAME)
 #   MAX_RESTARTS        attempts before giving up (default 20)
 #   POLL_SECONDS        wait between state checks (default 60)
 #   DELETE_WHEN_DONE=1  delete the queued resource after training completes
 #   ALLOW_LOCAL_WORKDIR=1  accept a --workdir that is not gs:// (lost with the VMs)
 #   GCLOUD              the gcloud command (default: gcloud)
+# Every value (the settings above and the train arguments) reaches the workers' shell quoted, so
+# it arrives as written; one that cannot be passed safely is refused with its name.
 set -euo pipefail
 
 die() {
@@ -54,6 +59,7 @@ die() {
   exit 2
 }
 say() { echo "tpu_vm.sh: $*" >&2; }
+q() { printf '%q' "$1"; }  # a value inside a message, on one line
 
 dry_run=0
 train_args=()
@@ -81,7 +87,7 @@ case "$accel" in
 esac
 runtime="${RUNTIME_VERSION:-$default_runtime}"
 ship="${SHIP:-copy}"
-[[ "$ship" == copy || "$ship" == git ]] || die "SHIP must be copy or git (got '$ship')"
+[[ "$ship" == copy || "$ship" == git ]] || die "SHIP must be copy or git (got $(q "$ship"))"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 remote_dir="${REMOTE_DIR:-siglip_jax}"
 remote_python="${REMOTE_PYTHON:-.venv/bin/python}"
@@ -90,6 +96,44 @@ logdir="${LOG_DIR:-logs/tpu/$tpu}"
 max_restarts="${MAX_RESTARTS:-20}"
 poll="${POLL_SECONDS:-60}"
 read -r -a gcloud <<<"${GCLOUD:-gcloud}"
+
+# Bare words on gcloud's command line (a leading '-' would be read as a flag) and numbers that
+# bash arithmetic evaluates (which runs any $(...) inside an array index).
+[[ "$tpu" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  die "TPU_NAME must be a TPU node id: lowercase letters, digits, hyphens (got $(q "$tpu"))"
+[[ "$qr" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  die "QR_NAME must be a queued resource id: lowercase letters, digits, hyphens (got $(q "$qr"))"
+[[ "$max_restarts" =~ ^[1-9][0-9]*$ ]] ||
+  die "MAX_RESTARTS must be a positive whole number (got $(q "$max_restarts"))"
+[[ "$poll" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
+  die "POLL_SECONDS must be a number of seconds (got $(q "$poll"))"
+# `rm -rf` runs on REMOTE_DIR on every worker: it must name a folder inside the home folder.
+case "/$remote_dir/" in
+  //* | */./* | */../*)
+    die "REMOTE_DIR must be a folder under the home folder, without . or .. parts" \
+      "(got $(q "$remote_dir"))" ;;
+esac
+# `env` would read a '-' word as an option and a NAME=value word as a setting.
+[[ -n "$remote_python" && "$remote_python" != -* && "$remote_python" != *=* ]] ||
+  die "REMOTE_PYTHON must be an interpreter path without '=' or a leading '-'" \
+    "(got $(q "$remote_python"))"
+if [[ "$ship" == git ]]; then
+  [[ -n "${REPO_URL:-}" ]] || die "SHIP=git needs REPO_URL"
+  ref="${GIT_REF:-$(git -C "$repo" rev-parse HEAD)}"
+  [[ "$ref" != -* ]] ||
+    die "GIT_REF must name a commit, branch or tag, not an option (got $(q "$ref"))"
+fi
+# REMOTE_ENV's words, split and unquoted by xargs, which runs and expands nothing.
+remote_env=()
+if [[ -n "${REMOTE_ENV:-}" ]]; then
+  printf '%s' "$REMOTE_ENV" | xargs -r printf '' 2>/dev/null ||
+    die "REMOTE_ENV has an unmatched quote (got $(q "$REMOTE_ENV"))"
+  while IFS= read -r -d '' word; do
+    [[ "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+      die "REMOTE_ENV must hold NAME=value words (got the word $(q "$word"))"
+    remote_env+=("$word")
+  done < <(printf '%s' "$REMOTE_ENV" | xargs -r printf '%s\0')
+fi
 where=("--zone=$zone")
 [[ -n "${PROJECT:-}" ]] && where+=("--project=$PROJECT")
 
@@ -99,11 +143,12 @@ for arg in "${train_args[@]}"; do
 done
 [[ -n "$workdir" ]] || die "the train arguments need --workdir=gs://... (checkpoints must outlive the VMs)"
 if [[ "$workdir" != gs://* && "${ALLOW_LOCAL_WORKDIR:-0}" != 1 ]]; then
-  die "--workdir=$workdir is not gs://: a preempted slice loses it (ALLOW_LOCAL_WORKDIR=1 to insist)"
+  die "--workdir=$(q "$workdir") is not gs://: a preempted slice loses it (ALLOW_LOCAL_WORKDIR=1 to insist)"
 fi
 
 # Words -> one line of shell, single-quoting only the words that need it (readable, and valid
-# to paste into a shell).
+# to paste into a shell). Single quotes, unlike printf %q, mean the same in every POSIX shell,
+# whichever login shell the workers run; a newline inside them is literal.
 shquote() {
   local out=() word
   for word in "$@"; do
@@ -113,7 +158,7 @@ shquote() {
       out+=("'${word//\'/\'\\\'\'}'")
     fi
   done
-  echo "${out[*]}"
+  printf '%s\n' "${out[*]}"
 }
 
 # Prints a command in a dry run, else runs it.
@@ -167,43 +212,51 @@ wait_active() {
   done
 }
 
-on_all() {  # runs a command string on every worker
+# Runs a command string on every worker. gcloud starts ssh without a local shell and ssh hands
+# the string to the worker's login shell: one shell reads it, so each value in it is quoted once.
+on_all() {
   run "${gcloud[@]}" compute tpus tpu-vm ssh "$tpu" "${where[@]}" --worker=all --command="$1"
 }
 
+rdir="$(shquote "$remote_dir")"
+
 ship_code() {
   if [[ "$ship" == git ]]; then
-    [[ -n "${REPO_URL:-}" ]] || die "SHIP=git needs REPO_URL"
-    local ref="${GIT_REF:-$(git -C "$repo" rev-parse HEAD)}"
-    on_all "rm -rf $remote_dir && git clone -q $REPO_URL $remote_dir && git -C $remote_dir checkout -q $ref"
+    local clone
+    clone="git clone -q -- $(shquote "$REPO_URL" "$remote_dir")"
+    on_all "rm -rf -- $rdir && $clone && git -C $rdir checkout -q $(shquote "$ref")"
     return
   fi
   local tarball="${TMPDIR:-/tmp}/siglip_jax_code_$$.tgz"
   if ((dry_run)); then
     echo "# tar of this checkout's tracked + untracked non-ignored files:"
-    echo "git -C $repo ls-files -z --cached --others --exclude-standard | tar -C $repo --null -T - -czf $tarball"
+    echo "$(shquote git -C "$repo" ls-files -z --cached --others --exclude-standard) |" \
+      "$(shquote tar -C "$repo" --null -T - -czf "$tarball")"
   else
+    # Files deleted in the working tree but still tracked are left out (as they are here).
     git -C "$repo" ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' f; do [[ -e "$repo/$f" ]] && printf '%s\0' "$f"; done |
       tar -C "$repo" --null -T - -czf "$tarball"
   fi
   run "${gcloud[@]}" compute tpus tpu-vm scp "$tarball" "$tpu:siglip_jax_code.tgz" "${where[@]}" \
     --worker=all
-  on_all "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf siglip_jax_code.tgz -C $remote_dir"
+  on_all "rm -rf -- $rdir && mkdir -p -- $rdir && tar -xzf siglip_jax_code.tgz -C $rdir"
 }
 
 clear_stale="sudo lsof -t -w /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | xargs -r sudo kill -9; sudo rm -f /tmp/libtpu_lockfile; true"
-train_cmd="cd $remote_dir && env PYTHONUNBUFFERED=1 ${REMOTE_ENV:+$REMOTE_ENV }$remote_python -m siglip_jax.train $(shquote "${train_args[@]}")"
+train_cmd="cd -- $rdir && $(shquote env PYTHONUNBUFFERED=1 "${remote_env[@]}" "$remote_python" \
+  -m siglip_jax.train "${train_args[@]}")"
 
 attempt=0
 while :; do
   attempt=$((attempt + 1))
   wait_active
   ship_code
-  on_all "cd $remote_dir && $setup_cmd"
+  on_all "cd -- $rdir && $setup_cmd"
   on_all "$clear_stale"
   log="$logdir/attempt_$attempt"
   if ((dry_run)); then
-    echo "mkdir -p $log"
+    shquote mkdir -p "$log"
     run "${gcloud[@]}" compute tpus tpu-vm ssh "$tpu" "${where[@]}" --worker=all \
       --command="$train_cmd" "--output-directory=$log"
     echo "# then: exit 0 without 'preempted:' in $log/0.log -> done; failed on an ACTIVE slice ->" \
@@ -237,5 +290,6 @@ done
 if [[ "${DELETE_WHEN_DONE:-0}" == 1 ]]; then
   delete_qr
 else
-  say "the slice is still up; delete it with: ${gcloud[*]} compute tpus queued-resources delete $qr ${where[*]} --force --quiet"
+  say "the slice is still up; delete it with:" \
+    "$(shquote "${gcloud[@]}" compute tpus queued-resources delete "$qr" "${where[@]}" --force --quiet)"
 fi

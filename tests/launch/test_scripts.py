@@ -221,7 +221,7 @@ def test_tpu_dry_run_prints_every_step():
   ssh = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "ssh" in c]
   assert all("--worker=all" in c for c in ssh) and len(ssh) == 4
   remote = [next(a[len("--command="):] for a in c if a.startswith("--command=")) for c in ssh]
-  assert "git clone -q https://example.com/siglip_jax.git siglip_jax" in remote[0]
+  assert "git clone -q -- https://example.com/siglip_jax.git siglip_jax" in remote[0]
   assert "checkout -q abc123" in remote[0]
   assert "jax[tpu]" in remote[1]
   assert "lsof -t -w /dev/accel*" in remote[2] and "rm -f /tmp/libtpu_lockfile" in remote[2]
