@@ -18,19 +18,22 @@ CORE = [
     "pillow>=10.0",
     "sentencepiece>=0.2",
     "safetensors>=0.4",
+    "braceexpand>=0.1.7",   # WebDataset shard patterns: {00000..01242}, {a,b}
+    "tensorboardX>=2.6",    # TensorBoard event files without TensorFlow
+    "tokenizers>=0.19",     # the HF export's tokenizer.json (reproduces our text options)
 ]
 
 EXTRAS = {
-    # Real data sets: TFDS / ArrayRecord sources, Grain loader, TensorBoard via clu.
+    # Real data sets: TFDS / ArrayRecord sources, Grain loader, TensorBoard to view the events.
     "data": ["grain>=0.2.12", "array-record>=0.7", "tensorflow-cpu", "tensorflow-datasets>=4.9",
-             "clu", "tensorboard"],
+             "tensorboard"],
     # gs:// workdirs: etils.epath reaches GCS through TensorFlow's gfile when TensorFlow is
     # installed, else through fsspec + gcsfs; orbax's step listing asks google-cloud-storage
     # whether the bucket has a hierarchical namespace. (Checkpoint arrays: TensorStore, built in.)
     "gcs": ["gcsfs", "google-cloud-storage"],
     "notebooks": ["matplotlib", "nbformat", "nbclient", "ipykernel"],
     # A CPU torch lies on this kind of machine's disk; an unpinned torch pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45", "matplotlib",
+    "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.50", "matplotlib",
              "nbformat", "nbclient", "ipykernel", "grain>=0.2.12",
              # TensorBoard's own reader checks our TF-free event files (no TensorFlow needed).
              "tensorboard",

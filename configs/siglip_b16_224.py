@@ -20,7 +20,7 @@ Fast-path choices (why):
 - scan: off, so XLA can schedule across layers (faster steps); scan=True compiles faster and
   is worth it for deep models on pods, where compile time adds up.
 """
-import ml_collections
+from siglip_jax import config_defaults
 
 # variant -> remat policy: only B/16 fits an H100 at batch 256 without rematerialization.
 _REMAT = {"B": "none"}
@@ -36,59 +36,16 @@ def get_config(arg=None):
     raise ValueError(f"configs/siglip_b16_224.py: unknown variant {variant!r}; use B/16, L/16, "
                      "So400m/14 or g/14")
   remat = _REMAT.get(name, "nothing_saveable")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = config_defaults.base()
   c.total_steps = 100_000
-  c.log_every_steps = 100
-
-  c.input = ml_collections.ConfigDict()
   c.input.data = "synthetic"       # bench/preflight; training: webdataset / tfds
   c.input.batch_size = 256         # global
-  c.input.image_size = 224
-  c.input.text_len = 64
-  c.input.tokenizer = ""           # a 32k SentencePiece model for real training
-  c.input.prefetch = 2
-
-  c.model = ml_collections.ConfigDict()
   c.model.image = dict(variant=variant, pool_type="map", posemb="learn", scan=False,
                        remat_policy=remat)
   c.model.text = dict(variant=name, vocab_size=32_000, pool_type="last", scan=False,
                       remat_policy=remat)
   c.model.out_dim = (None, _WIDTH[name])  # MAP image pooling, no image head; a text head
-  c.model.temperature_init = 10.0
-  c.model.bias_init = -10.0
   c.model.dtype = "bfloat16"
   c.model.attention_impl = "cudnn"
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.kind = "sigmoid_ring"
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"
-  c.optim.lr = 1e-3
-  c.optim.wd = 1e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.clip_norm = 1.0
-  c.optim.schedule = dict(decay="cosine", warmup_steps=10_000, cooldown_steps=0,
-                          end_lr_frac=0.0)
-  c.optim.lr_mults = ()
-  c.optim.frozen = ()
-
-  c.mesh = (("data", -1),)
-  c.sharding_rules = ((".*", "replicate"),)
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.keep = 2
-  c.checkpoint.keep_every = 0
-
-  c.model_init = ""
-  c.model_load = ml_collections.ConfigDict()
-  c.model_load.dont_load = ()
-
-  c.peak_tflops = 0.0              # per device, for perf/mfu; 0: from flops.PEAK_TFLOPS
-  c.profile_steps = ""             # "N,M": a jax.profiler trace of steps N..M in DIR/profile/
-
-  c.evals = ml_collections.ConfigDict()
+  c.optim.schedule.warmup_steps = 10_000
   return c

@@ -23,8 +23,10 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from siglip_jax import cli
 
 # Flags that exist in XLA since 2024 and are documented to help GPU training (JAX's "GPU
 # performance tips", NVIDIA JAX-Toolbox). An unknown flag aborts XLA at start-up, so only
@@ -194,18 +196,15 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) are noise here
   if _CONFIG.value is None:
-    sys.exit("error: --config is required (e.g. --config=configs/siglip_b16_224.py)")
+    cli.fail("--config is required (e.g. --config=configs/siglip_b16_224.py)")
   if _STEPS.value < 1 or _WARMUP.value < 1:
-    sys.exit("error: --steps and --warmup must be at least 1 (the first step compiles)")
+    cli.fail("--steps and --warmup must be at least 1 (the first step compiles)")
   # XLA reads its flags once, when JAX starts a backend: restart if something beat us to it.
   if apply_preset(_PRESET.value) and "jax" in sys.modules:
     os.execv(sys.executable, [sys.executable, "-m", "siglip_jax.bench", *sys.argv[1:]])
-  from siglip_jax import experiment
-  try:
+  with cli.user_errors():
     result = run(_CONFIG.value, batch=_BATCH.value, steps=_STEPS.value, warmup=_WARMUP.value,
                  matmul_size=_MATMUL.value, preset=_PRESET.value)
-  except experiment.ConfigError as e:
-    sys.exit(f"error: {e}")
   print(json.dumps(result), flush=True)
   if isinstance(result["loss"], str):  # a skipped (non-finite) update times nothing useful
     sys.exit(f"error: the loss was {result['loss']}; the timing above is not a training step's")
@@ -213,4 +212,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -3,16 +3,15 @@
 - Explicit (localhost, tests, `launch/local.sh`): SIGLIP_JAX_COORDINATOR=host:port,
   SIGLIP_JAX_NUM_PROCESSES, SIGLIP_JAX_PROCESS_ID; optionally SIGLIP_JAX_LOCAL_DEVICES
   (comma-separated local device ids this process uses, for GPUs).
-- Clusters: JAX's own auto-detection (`jax._src.clusters`: Cloud TPU VMs and GKE TPU, SLURM
-  under `srun`, Open MPI, Kubernetes Jobs/JobSets with the `kubernetes` package), used when one of
-  them sees its environment. SIGLIP_JAX_CLUSTER=NAME forces one detector (`slurm`, `ompi`,
-  `gcetpu`, `gketpu`, `k8s`, `mpi4py`), SIGLIP_JAX_CLUSTER=none runs a single process whatever
-  the environment says.
+- Clusters: `jax.distributed.initialize()`'s own auto-detection (Cloud TPU VMs and GKE TPU,
+  SLURM under `srun`, Open MPI, Kubernetes JobSets), called when the environment shows a cluster
+  (`CLUSTER_HINTS`: variables each of those sets). SIGLIP_JAX_CLUSTER=NAME passes one detector
+  to JAX (`slurm`, `ompi`, `gcetpu`, `gketpu`, `k8s`, `mpi4py`), SIGLIP_JAX_CLUSTER=auto asks
+  JAX to detect whatever the environment, SIGLIP_JAX_CLUSTER=none runs a single process.
 - Otherwise a single process: nothing to join.
 On CPU the cross-process collectives need gloo. A process that cannot join (coordinator down or
 unreachable, a peer missing) stops within SIGLIP_JAX_INIT_TIMEOUT seconds (default 300, JAX's)
-with one `error: ...` line naming the coordinator, instead of hanging or aborting with a gRPC
-stack trace.
+with one `error: ...` line, instead of hanging or aborting with a gRPC stack trace.
 """
 import os
 import socket
@@ -21,15 +20,24 @@ import threading
 
 import jax
 
+from siglip_jax import errors
+
 DEFAULT_TIMEOUT = 300
-# Only consulted when JAX's detector registry (jax._src.clusters) cannot be imported.
-_CLUSTER_HINTS = ("SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                  "JOBSET_NAME", "OMPI_MCA_orte_hnp_uri")
+# JAX's detection methods (`cluster_detection_method`), and environment variables that show one
+# of them is around: JAX itself is then asked to read the job layout.
+DETECTORS = ("slurm", "ompi", "mpi4py", "gcetpu", "gketpu", "k8s")
+CLUSTER_HINTS = {
+    "SLURM_STEP_NODELIST": "slurm",        # a task started by srun
+    "OMPI_MCA_orte_hnp_uri": "ompi", "OMPI_COMM_WORLD_SIZE": "ompi",
+    "TPU_WORKER_HOSTNAMES": "tpu", "MEGASCALE_COORDINATOR_ADDRESS": "tpu",
+    "TPU_WORKER_ID": "tpu",
+    "JOBSET_NAME": "k8s",
+}
 # JAX's own deadline comes this much after ours, so the clear message wins the race.
 _JAX_DEADLINE_SLACK = 15
 
 
-class DistributedError(RuntimeError):
+class DistributedError(errors.UserError, RuntimeError):
   """The environment describes a job this process cannot join; the message says why."""
 
 
@@ -66,60 +74,19 @@ def explicit_settings(env=os.environ):
   return settings
 
 
-def _cluster_types():
-  try:  # private, but it is what jax.distributed.initialize() itself consults
-    from jax._src import clusters
-    return list(clusters.ClusterEnv._cluster_types)
-  except (ImportError, AttributeError):
-    return None
-
-
 def detect_cluster(env=os.environ):
-  """The name of the cluster JAX would join here, or None (single process)."""
+  """What to ask JAX to join: a detector name, "auto" (JAX detects), or None (single process)."""
   choice = env.get("SIGLIP_JAX_CLUSTER", "auto").strip().lower() or "auto"
   if choice == "none":
     return None
-  types = _cluster_types()
-  if types is None:  # a JAX without the detectors' registry: guess from the usual variables
-    if choice != "auto":
-      return choice
-    return "auto" if any(k in env for k in _CLUSTER_HINTS) else None
   if choice != "auto":
-    names = sorted(t.name for t in types if t.name)
-    if choice not in names:
+    if choice not in DETECTORS:
       raise DistributedError(f"SIGLIP_JAX_CLUSTER={choice!r} is unknown; use auto, none or "
-                             f"one of {', '.join(names)}")
+                             f"one of {', '.join(DETECTORS)}")
     return choice
-  for cluster in types:
-    if cluster.opt_in_only_method:
-      continue
-    try:
-      if cluster.is_env_present():
-        return cluster.name or cluster.__name__
-    except Exception:  # a half-configured environment (k8s without API access): not this one
-      continue
-  return None
-
-
-def _resolve_cluster(name, timeout):
-  """Coordinator, process count, id and local devices as JAX's detector `name` reads them."""
-  from jax._src import clusters
-  try:
-    address, num, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-        None, None, None, None, name, timeout)
-  except Exception as e:
-    raise DistributedError(f"the environment looks like a {name} cluster, but its job layout "
-                           f"could not be read: {_first_line(e)} (SIGLIP_JAX_CLUSTER=none "
-                           "runs a single process)") from e
-  if address is None or num is None or pid is None:
-    raise DistributedError(f"the environment looks like a {name} cluster, but it names no "
-                           "coordinator/process count/process id (SIGLIP_JAX_CLUSTER=none runs "
-                           "a single process)")
-  settings = dict(coordinator_address=address, num_processes=num, process_id=pid,
-                  cluster_detection_method=name)
-  if local is not None:
-    settings["local_device_ids"] = list(local)
-  return settings
+  if "SIGLIP_JAX_CLUSTER" in env:   # said explicitly: JAX's detection, whatever the hints
+    return "auto"
+  return "auto" if any(k in env for k in CLUSTER_HINTS) or os.path.exists("/dev/accel0") else None
 
 
 def _first_line(e):
@@ -138,6 +105,11 @@ def _probe(address, timeout=1.0):
 
 
 def _join_failure_message(settings, timeout):
+  if "coordinator_address" not in settings:
+    what = settings.get("cluster_detection_method", "auto-detected")
+    return (f"could not join the distributed job the environment describes ({what}) within "
+            f"{timeout}s: did every process start? (SIGLIP_JAX_INIT_TIMEOUT sets the wait; "
+            "SIGLIP_JAX_CLUSTER=none runs a single process)")
   address, num, pid = (settings["coordinator_address"], settings["num_processes"],
                        settings["process_id"])
   if pid == 0:
@@ -183,23 +155,20 @@ def initialize(env=None):
   timeout = _init_timeout(env)
   explicit = settings is not None
   if not explicit:
-    if _cluster_types() is None:  # no detector registry to read: JAX's plain auto-detection
-      settings = {} if cluster == "auto" else dict(cluster_detection_method=cluster)
-    else:
-      settings = _resolve_cluster(cluster, timeout)
+    settings = {} if cluster == "auto" else dict(cluster_detection_method=cluster)
   if explicit or env.get("JAX_PLATFORMS", "").startswith("cpu"):
     # CPU devices talk across processes through gloo (the default is none).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-  watchdog = None
-  if "coordinator_address" in settings:
-    def give_up():
-      print(f"error: {_join_failure_message(settings, timeout)}", file=sys.stderr, flush=True)
-      sys.stdout.flush()
-      os._exit(1)
-    watchdog = threading.Timer(timeout, give_up)
-    watchdog.daemon = True
-    watchdog.start()
+  # The join is a blocking native call that Python cannot interrupt, and JAX's own deadline
+  # aborts with a core dump: a timer says what went wrong first.
+  def give_up():
+    print(f"error: {_join_failure_message(settings, timeout)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
   try:
     jax.distributed.initialize(**settings,
                                initialization_timeout=timeout + _JAX_DEADLINE_SLACK)
@@ -208,6 +177,5 @@ def initialize(env=None):
     raise DistributedError(f"could not join the distributed job (coordinator {where}, "
                            f"timeout {timeout}s): {_first_line(e)}") from e
   finally:
-    if watchdog is not None:
-      watchdog.cancel()
+    watchdog.cancel()
   return jax.process_count()

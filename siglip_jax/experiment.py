@@ -4,20 +4,24 @@ Shared by train, evaluate, bench and preflight so they all build the same thing.
 need no compiling run first (`check_config`), so bad input fails in a second with one line
 naming the config key.
 """
+import logging
+
 import numpy as np
 
-from siglip_jax import losses, models, optim, perf
+from siglip_jax import config_defaults, errors, losses, models, objectives, optim, perf
 from siglip_jax.models import text as text_model, vit
 
 
-class ConfigError(ValueError):
+_log = logging.getLogger(__name__)
+
+
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the key."""
 
 
-REQUIRED_KEYS = ("seed", "total_steps", "log_every_steps", "input.batch_size", "loss.kind",
-                 "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
-                 "model_init", "model_load.dont_load", "mesh")
-DATA_KINDS = ("shapes", "webdataset", "tfds", "folder", "synthetic")
+# Keys without a sensible default: every config sets them (config_defaults has the rest).
+REQUIRED_KEYS = ("seed", "total_steps", "input.batch_size", "mesh")
+DATA_KINDS = ("shapes", "scenes", "webdataset", "tfds", "folder", "synthetic")
 
 
 def _lookup(config, dotted):
@@ -35,17 +39,26 @@ def _positive_int(config, key):
     raise ConfigError(f"config key `{key}` must be a positive integer; got {value!r}")
 
 
+def unknown_key_message(key, near):
+  return f"config key `{key}` is unknown" + (f"; did you mean `{near}`?" if near else "")
+
+
 def check_config(config, num_devices=None):
-  """Raises ConfigError naming the first bad key. Cheap: builds nothing, compiles nothing."""
+  """Completes `config` with the defaults of every key it lacks (in place), then raises
+  ConfigError naming the first bad key. Cheap: builds nothing, compiles nothing."""
+  config_defaults.complete(config)
+  unknown = config_defaults.unknown_keys(config)
+  if unknown:
+    raise ConfigError(unknown_key_message(*unknown[0]))
   for key in REQUIRED_KEYS:
     _lookup(config, key)
-  for key in ("total_steps", "log_every_steps", "input.batch_size", "checkpoint.every_steps",
-              "checkpoint.keep"):
+  for key in ("total_steps", "log_every_steps", "input.batch_size", "input.image_size",
+              "input.text_len", "checkpoint.every_steps", "checkpoint.keep"):
     _positive_int(config, key)
   if config.loss.kind not in losses.LOSS_KINDS:
     raise ConfigError(f"config key `loss.kind`: {config.loss.kind!r} is unknown; "
                       f"use one of {', '.join(losses.LOSS_KINDS)}")
-  data = config.input.get("data", "shapes")
+  data = config.input.data
   if data not in DATA_KINDS:
     raise ConfigError(f"config key `input.data`: {data!r} is unknown; use one of {DATA_KINDS}")
   image_cfg = resolve_variant(config.model.image, "model.image")
@@ -55,6 +68,7 @@ def check_config(config, num_devices=None):
     if pool not in allowed:
       raise ConfigError(f"config key `model.{tower}.pool_type`: {pool!r} is unknown; "
                         f"use one of {', '.join(allowed)}")
+  _check_tower_dims(config)
   posemb = config.model.image.get("posemb", "learn")
   if posemb not in vit.POSEMB_TYPES:
     raise ConfigError(f"config key `model.image.posemb`: {posemb!r} is unknown; "
@@ -67,14 +81,68 @@ def check_config(config, num_devices=None):
     raise ConfigError(f"config key `input.batch_size`: {config.input.batch_size} is not "
                       f"divisible by the {num_devices} devices")
   try:
-    perf.parse_steps(config.get("profile_steps", ""))
+    perf.parse_steps(config.profile_steps)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.get("optim") is not None:
-    try:
-      optim.make_schedule(config.optim, config.total_steps)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+  if config.optim.name not in optim.OPTIMIZERS:
+    raise ConfigError(f"config key `optim.name`: {config.optim.name!r} is unknown; "
+                      f"use one of {', '.join(optim.OPTIMIZERS)}")
+  objectives.check_config(config)
+  _clip_schedule_to_run(config)
+  try:
+    optim.make_schedule(config.optim, config.total_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _clip_schedule_to_run(config):
+  """A run shorter than its warm-up (a smoke run, `--config.total_steps=2`) is no mistake: the
+  warm-up (then the cool-down) is clipped to fit, and that is said once."""
+  sched, total = config.optim.schedule, int(config.total_steps)
+  warmup, cooldown = int(sched.get("warmup_steps", 0)), int(sched.get("cooldown_steps", 0))
+  if warmup + cooldown <= total:
+    return
+  new_warmup = min(warmup, total)
+  new_cooldown = min(cooldown, total - new_warmup)
+  sched.warmup_steps = new_warmup
+  if "cooldown_steps" in sched:
+    sched.cooldown_steps = new_cooldown
+  _log.warning("total_steps=%d is shorter than the schedule's warm-up (%d) + cool-down (%d) "
+               "steps: clipped to %d + %d for this run", total, warmup, cooldown, new_warmup,
+               new_cooldown)
+
+
+def _check_tower_dims(config):
+  """Positive sizes and a width the heads divide, per tower, and embeddings of one size, before
+  anything is traced."""
+  out_dim = config.model.out_dim
+  out_dims = (out_dim, out_dim) if out_dim is None or isinstance(out_dim, int) else out_dim
+  embed = {}
+  for tower, cls, head in (("image", vit.ViT, out_dims[0]),
+                           ("text", text_model.TextTransformer, out_dims[1])):
+    cfg = resolve_variant(config.model[tower], f"model.{tower}")
+    dims = cls(**{k: cfg[k] for k in ("variant", "width", "depth", "mlp_dim", "num_heads")
+                  if cfg.get(k) is not None}).dims
+    for key in ("width", "depth", "num_heads"):
+      value = dims[key]
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f"config key `model.{tower}.{key}` must be a positive integer; "
+                          f"got {value!r}")
+    if dims["width"] % dims["num_heads"]:
+      raise ConfigError(f"config key `model.{tower}.num_heads`: width {dims['width']} is not "
+                        f"divisible by {dims['num_heads']} heads")
+    if dims.get("mlp_dim") is not None and dims["mlp_dim"] <= 0:
+      raise ConfigError(f"config key `model.{tower}.mlp_dim` must be positive; "
+                        f"got {dims['mlp_dim']!r}")
+    patch = dims.get("patch_size")
+    if patch is not None and min(patch) <= 0:
+      raise ConfigError(f"config key `model.image.patch_size` must be positive; got {patch!r}")
+    rep = cfg.get("rep_size") if tower == "image" else None
+    embed[tower] = head or (dims["width"] if rep is True else rep) or dims["width"]
+  if embed["image"] != embed["text"]:
+    raise ConfigError(f"config key `model.out_dim`: the image embedding has {embed['image']} "
+                      f"dimensions and the text embedding {embed['text']} (out_dim "
+                      f"{tuple(out_dims)}, widths as configured): they must be equal")
 
 
 def resolve_variant(tower_cfg, key):
@@ -93,14 +161,12 @@ def resolve_variant(tower_cfg, key):
 
 def make_tokenizer(config):
   from siglip_jax.data import tokenizer
-  inp = config.input
-  path = inp.get("tokenizer", "") or None
-  pad_id = inp.get("pad_id", -1)   # -1: the EOS mode's default (ml_collections has no None)
+  path = config.input.get("tokenizer", "") or None
   # The data pipeline's text options too, so evaluators tokenize prompts as training did.
-  return tokenizer.Tokenizer(path, lowercase=inp.get("lowercase", True),
-                             strip_punctuation=inp.get("strip_punctuation", False),
-                             eos=inp.get("eos", "sticky"),
-                             pad_id=None if pad_id is None or pad_id < 0 else pad_id)
+  try:
+    return tokenizer.Tokenizer(path, **tokenizer.options_from_input(config.input))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config key `input.tokenizer`: {e}") from None
 
 
 def portable_attention(config, platform):
@@ -126,19 +192,10 @@ def make_model(config, vocab_size):
 
 
 def make_train_source(config):
-  """`examples(global_indices) -> dict(image, text)` for the configured training data."""
-  data = config.input.get("data", "shapes")
-  if data == "shapes":
-    from siglip_jax.data import shapes
-    ds = shapes.ShapesDataset(seed=config.seed, image_size=config.input.image_size)
-    return ds.train_examples
-  if data in _PIPELINE_KINDS:
-    from siglip_jax.data import pipeline
-    return _config_errors(pipeline.examples_fn, config)
-  raise ConfigError(f"config key `input.data`: {data!r} has no index-based source")
-
-
-_PIPELINE_KINDS = ("webdataset", "tfds", "folder")   # read through siglip_jax.data.pipeline
+  """The configured training data as a random-access source of raw records (`data/sources.py`):
+  real data and the embedded demo sets alike."""
+  from siglip_jax.data import sources
+  return _config_errors(sources.from_config, config)
 
 
 def _config_errors(fn, *args):
@@ -151,18 +208,13 @@ def _config_errors(fn, *args):
 
 
 def make_train_data(config, tokenizer, sharding, data_state=None):
-  """The trainer's batch iterator, starting at `data_state` ({"data_position": next step,
-  "data_skipped": running skip total}, as checkpoints keep it; {} for a fresh run)."""
-  data_state = data_state or {}
-  if config.input.get("data", "shapes") in _PIPELINE_KINDS:
-    from siglip_jax.data import pipeline
-    return _config_errors(pipeline.make_batches, config, sharding, data_state)
-  from siglip_jax.data import batches
-  return batches.IndexedBatches(
-      make_train_source(config), tokenizer, text_len=config.input.text_len,
-      global_batch=config.input.batch_size, sharding=sharding,
-      start_step=int(data_state.get("data_position", 0)),
-      prefetch=config.input.get("prefetch", 2))
+  """The trainer's batch iterator (`pipeline.Batches`: every source goes through the one Grain
+  loader), starting at `data_state` ({"data_position": next step, "data_skipped": running skip
+  total}, as checkpoints keep it; {} for a fresh run). `tokenizer` is unused: the loader
+  tokenizes with the same `input` settings (`preprocess.from_config`)."""
+  del tokenizer
+  from siglip_jax.data import pipeline
+  return _config_errors(pipeline.make_batches, config, sharding, data_state or {})
 
 
 def make_evaluators(config):
@@ -177,6 +229,13 @@ def make_evaluators(config):
                                 num_heldout=cfg.get("num_heldout", 512),
                                 num_unseen=cfg.get("num_unseen", 512))
       evals.append(ShapesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name))
+    elif kind == "scenes":
+      from siglip_jax.data import scenes
+      from siglip_jax.evaluators.scenes import ScenesEvaluator
+      ds = scenes.ScenesDataset(seed=config.seed, image_size=config.input.image_size,
+                                num_heldout=cfg.get("num_heldout", 512),
+                                num_unseen=cfg.get("num_unseen", 256))
+      evals.append(ScenesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name))
     elif kind in ("zeroshot", "retrieval"):
       import importlib  # their sources may need optional packages (tensorflow_datasets)
       module = importlib.import_module(f"siglip_jax.evaluators.{kind}")
@@ -187,3 +246,16 @@ def make_evaluators(config):
     else:
       raise ConfigError(f"config key `evals.{name}.kind`: {kind!r} is unknown")
   return evals
+
+
+def example_batch(config, objectives):
+  """ShapeDtypeStructs of a global batch: image and text, and what the objectives read."""
+  import jax
+  import jax.numpy as jnp
+  b, size = config.input.batch_size, config.input.image_size
+  out = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
+         "text": jax.ShapeDtypeStruct((b, config.input.text_len), jnp.int32)}
+  for o in objectives:
+    out.update({k: jax.ShapeDtypeStruct((b, *shape), dtype)
+                for k, (shape, dtype) in o.batch_spec(config).items()})
+  return out

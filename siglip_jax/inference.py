@@ -14,14 +14,18 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
+from etils import epath
+
+
+TOWER_NAMES = ("img", "txt", "t", "b")   # what exports and the towers hold
 
 
 class SigLIP:
   """encode_image(float32 [N,H,W,3] in [-1,1]) / encode_text(int32 [N,L]) -> [N,D] normalized."""
 
   def __init__(self, model, params, *, image_size, text_len, vocab_size, tokenizer=None,
-               batch_size=256, mesh=None, config=None):
-    self.model, self.params = model, params
+               batch_size=256, mesh=None, config=None, decoding=None):
+    self.model, self.params, self.decoding = model, params, decoding
     self.image_size, self.text_len, self.vocab_size = int(image_size), int(text_len), int(vocab_size)
     self.tokenizer, self.config, self.mesh = tokenizer, config, mesh
     if mesh is not None:
@@ -98,6 +102,26 @@ class SigLIP:
   def encode_strings(self, texts):
     return self.encode_text(self.tokenize(texts))
 
+  # With a LocCa decoder (a workdir or checkpoint trained with objectives.locca).
+
+  def _decoder(self):
+    if self.decoding is None:
+      raise ValueError("this model has no LocCa decoder: caption/locate/describe need a "
+                       "workdir or checkpoint trained with objectives.locca")
+    return self.decoding
+
+  def caption(self, images):
+    """Captions of images (float32 [N, H, W, 3] in [-1, 1]) -> list of str."""
+    return self._decoder().caption(images)
+
+  def locate(self, images, texts):
+    """Boxes [N, 4] (x0, y0, x1, y1 in [0, 1], x right, y down) of what each text names."""
+    return self._decoder().locate(images, list(texts))
+
+  def describe(self, images, boxes):
+    """Captions of the regions `boxes` [N, 4] of images (grounded captioning)."""
+    return self._decoder().describe(images, np.asarray(boxes, np.float32))
+
 
 # ------------------------------------------------------------------ load(path)
 
@@ -108,14 +132,32 @@ class Source(NamedTuple):
   spec: dict
   tokenizer_path: str | None
   kind: str   # "checkpoint" | "big_vision" | "hf"
+  tokenizer_options: dict | None = None   # the run's text options (Tokenizer kwargs)
+  # A checkpoint's LocCa decoder: ({name: array} under decoder/, the run's config) or None.
+  decoder: tuple | None = None
+
+  def tokenizer(self):
+    """The Tokenizer the model was trained with, text options included, or None."""
+    from siglip_jax.data import tokenizer as tok
+    if not self.tokenizer_path:
+      return None
+    return tok.Tokenizer(self.tokenizer_path, **(self.tokenizer_options or {}))
 
 
 def _checkpoint_source(path):
-  from siglip_jax import checkpoint
+  from siglip_jax import checkpoint_read
   from siglip_jax.data import tokenizer as tok
   from siglip_jax.interop import big_vision
-  flat = big_vision.unscan(checkpoint.read_params(path))
-  cfg = checkpoint.read_config(path)
+  # Params and config from one step: the newest readable one of a workdir (a damaged newer
+  # one is skipped with a warning), verified against the fingerprints saved with it.
+  ckpt = checkpoint_read.read(path)
+  flat = big_vision.unscan(ckpt.params)
+  cfg = ckpt.config
+  # Parameters only training uses stay out of the towers (and out of every export); the
+  # decoder is kept for caption/locate/describe.
+  extra = {k: flat.pop(k) for k in [k for k in flat if k.split("/")[0] not in TOWER_NAMES]}
+  decoder = ({k[len("decoder/"):]: v for k, v in extra.items() if k.startswith("decoder/")},
+             cfg) if any(k.startswith("decoder/") for k in extra) else None
   model, inp = cfg.get("model") or {}, cfg.get("input") or {}
   img, txt = model.get("image") or {}, model.get("text") or {}
   # What arrays cannot tell (gap vs "0" pooling, a sincos posemb's size) comes from the run.
@@ -128,7 +170,7 @@ def _checkpoint_source(path):
   if not os.path.isfile(sp):
     logging.warning("the run's tokenizer %s is not on this machine: no tokenize()", sp)
     sp = None
-  return Source(flat, spec, sp, "checkpoint")
+  return Source(flat, spec, sp, "checkpoint", tok.options_from_input(inp), decoder)
 
 
 def read_source(path):
@@ -137,27 +179,45 @@ def read_source(path):
   from siglip_jax import paths
   from siglip_jax.interop import big_vision, hf
   path = os.fspath(path)
-  if not paths.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"no such file or folder: {path}")
-  if paths.isfile(path):
+  if epath.Path(path).is_file():
     if not path.endswith(".npz"):
       raise ValueError(f"{path}: a file must be a big_vision .npz checkpoint")
     return Source(*big_vision.load_npz(path), None, "big_vision")
   if not paths.is_remote(path) and hf.is_hf_folder(path):
-    return Source(*hf.load(path), "hf")
+    from siglip_jax.interop import hf_tokenizer
+    return Source(*hf.load(path), "hf", hf_tokenizer.read_options(path))
   return _checkpoint_source(path)
 
 
 def load(path, *, batch_size=64):
   """The SigLIP handle (single device, float32) for whatever `read_source` reads."""
   from flax import traverse_util
-  from siglip_jax.data import tokenizer as tok
   from siglip_jax.interop import big_vision
   src = read_source(path)
   nested = traverse_util.unflatten_dict(
       {tuple(k.split("/")): jnp.asarray(v) for k, v in src.params.items()})
-  tokenizer = tok.Tokenizer(src.tokenizer_path) if src.tokenizer_path else None
+  tokenizer = src.tokenizer()
   spec = src.spec
-  return SigLIP(big_vision.make_model(spec), nested, image_size=spec["image_size"],
-                text_len=spec["text_len"], vocab_size=spec["text"]["vocab_size"],
-                tokenizer=tokenizer, batch_size=batch_size, config=spec)
+  model = big_vision.make_model(spec)
+  decoding = None
+  if src.decoder is not None and tokenizer is not None:
+    decoding = _decoding(model, nested, src.decoder, spec["text"]["vocab_size"], tokenizer)
+  return SigLIP(model, nested, image_size=spec["image_size"], text_len=spec["text_len"],
+                vocab_size=spec["text"]["vocab_size"], tokenizer=tokenizer,
+                batch_size=batch_size, config=spec, decoding=decoding)
+
+
+def _decoding(model, tower_params, decoder, text_vocab, tokenizer):
+  """The Decoding of a checkpoint's decoder params, built as its run's config built it."""
+  import ml_collections
+  from flax import traverse_util
+  from siglip_jax import config_defaults, decoding
+  from siglip_jax.objectives import locca
+  flat, cfg = decoder
+  config = config_defaults.complete(ml_collections.ConfigDict(cfg))
+  params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
+                                         for k, v in flat.items()})
+  return decoding.Decoding(model, tower_params, locca.make_decoder(config, text_vocab), params,
+                           tokenizer)

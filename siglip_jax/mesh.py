@@ -128,10 +128,11 @@ def _matches(compiled, path):
   return any(compiled.fullmatch("/".join(parts[k:])) for k in range(len(parts)))
 
 
-def _fsdp_spec(shape, axis_size, axis):
+def _fsdp_spec(shape, axis_size, axis, nbytes=None, min_bytes=0):
   """Shards the largest dimension divisible by the axis size (ties: the later dimension, as
-  big_vision does); replicates when none is."""
-  if axis_size == 1:
+  big_vision does); replicates when none is, or when the array is smaller than `min_bytes`
+  (a small array's all-gather costs more in latency than its copies cost in memory)."""
+  if axis_size == 1 or (nbytes is not None and nbytes < min_bytes):
     return P()
   for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
     if shape[dim] % axis_size == 0:
@@ -141,13 +142,15 @@ def _fsdp_spec(shape, axis_size, axis):
   return P()
 
 
-def tree_shardings(tree, mesh, rules):
+def tree_shardings(tree, mesh, rules, min_size_mb=0.0):
   """NamedShardings for any pytree of arrays / ShapeDtypeStructs (params or optax state).
 
   `rules`: [(regex, "replicate" | "fsdp" | "fsdp:AXIS")]; the first rule matching the path (see
-  `_matches`) wins, unmatched leaves are replicated.
+  `_matches`) wins, unmatched leaves are replicated. An FSDP rule leaves arrays smaller than
+  `min_size_mb` MiB replicated (big_vision's `min_size_to_shard_mb`; the configs' default is 4).
   """
   parsed = _parse_rules(rules, mesh)
+  min_bytes = float(min_size_mb) * 2**20
 
   def one(key_path, leaf):
     path = path_str(key_path)
@@ -155,10 +158,24 @@ def tree_shardings(tree, mesh, rules):
       if _matches(compiled, path):
         if axis is None:
           break
-        return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), mesh.shape[axis], axis))
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize if hasattr(leaf, "dtype") else None
+        return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), mesh.shape[axis], axis,
+                                              nbytes, min_bytes))
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
 param_shardings = tree_shardings
+
+
+def check_axes_used(mesh, rules):
+  """Raises ValueError for a mesh axis of size > 1 that neither the batch nor any sharding rule
+  uses: every device along it would compute the same thing, silently."""
+  ruled = {axis for _, axis in _parse_rules(rules, mesh) if axis is not None}
+  for name in mesh.axis_names:
+    if mesh.shape[name] > 1 and name not in BATCH_AXES and name not in ruled:
+      raise ValueError(f"mesh axis {name!r} (size {mesh.shape[name]}) is used by no sharding "
+                       f"rule and does not split the batch: its {mesh.shape[name]} devices "
+                       f"would repeat each other's work; drop it from `mesh`, or shard "
+                       f"parameters over it with a rule (regex, 'fsdp:{name}')")

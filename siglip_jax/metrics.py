@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from etils import epath
+
 from siglip_jax import paths
 
 
@@ -65,14 +67,26 @@ class MultiWriter:
       w.close()
 
 
+def last_logged_step(workdir):
+  """The largest step in `workdir/metrics.jsonl`, or 0 when there is none (or no file)."""
+  path = paths.join(workdir, "metrics.jsonl")
+  if not epath.Path(path).exists():
+    return 0
+  last = 0
+  for line in epath.Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+    try:
+      last = max(last, int(json.loads(line).get("step", 0)))
+    except (ValueError, TypeError, AttributeError):
+      continue   # a row cut by a crash
+  return last
+
+
 def make_writers(workdir, is_main):
+  """metrics.jsonl and TensorBoard events (process 0; the others get writers of nothing)."""
   writers = [JsonlWriter(workdir, enabled=is_main)]
   if is_main:
-    try:
-      from siglip_jax import tensorboard  # optional: absent until TensorBoard support lands
-      writers.append(tensorboard.make_writer(workdir))
-    except ImportError:
-      pass
+    from siglip_jax import tensorboard
+    writers.append(tensorboard.make_writer(workdir))
   return MultiWriter(writers)
 
 

@@ -6,11 +6,14 @@ name. The image position embedding is resampled when the token grid differs (ano
 size or patch size), as big_vision's `resample_posemb` does; any other difference is an error.
 """
 import logging
+import os
 import re
 
 import jax
 import numpy as np
 import scipy.ndimage
+
+from etils import epath
 
 from siglip_jax import checkpoint, mesh as mesh_lib
 
@@ -114,3 +117,27 @@ def load_init_params(path, init_params, *, dont_load=()):
   if kept:
     _log.info("model_init: kept the fresh init of %d params (dont_load)", len(kept))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_source(path):
+  """Raises ConfigError naming `model_init` unless `path` looks like weights we can read: a
+  big_vision `.npz` file, or a siglip_jax workdir / checkpoint folder holding a checkpoint.
+  Cheap (no arrays are read), so a wrong path fails before anything compiles."""
+  from siglip_jax import experiment, paths
+  path = str(path)
+  problem = None
+  if not epath.Path(path).exists():
+    problem = "no such file or folder"
+  elif epath.Path(path).is_file():
+    if not path.endswith(".npz"):
+      problem = "a file must be a big_vision .npz checkpoint"
+  else:
+    step_dir = os.path.basename(path.rstrip("/")).isdigit() and paths.isdir(
+        paths.join(path, "state"))
+    directory = path if epath.Path(path).is_dir() and not epath.Path(
+        paths.join(path, "checkpoints")) else paths.join(path, "checkpoints")
+    if not step_dir and not checkpoint.committed_steps(directory):
+      problem = ("not a checkpoint: expected a siglip_jax workdir (with checkpoints/<step>/), "
+                 "one checkpoints/<step>/ folder or a big_vision .npz")
+  if problem:
+    raise experiment.ConfigError(f"config key `model_init`: {path}: {problem}")

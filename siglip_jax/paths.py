@@ -1,28 +1,33 @@
-"""Workdir and checkpoint paths: a local folder or an object-store URL (`gs://`, `s3://`).
+"""What etils.epath does not do for workdir and checkpoint paths (local folders or URLs such as
+`gs://`, `s3://`); everything else is `epath.Path(path).exists()`, `.mkdir()`, `.iterdir()`...
 
-Every workdir and checkpoint path operation goes through here. Local paths behave as they
-always did: made absolute (`os.path.abspath`) where they were, and read and written with the
-plain file API. URLs are kept as they are (`gs://b/x` stays `gs://b/x`, never `/cwd/gs:/b/x`)
-and go through `etils.epath.Path` (orbax takes the same paths), whose backend is TensorFlow's
-`tf.io.gfile` where TensorFlow is installed (unless `EPATH_USE_TF=0`), else fsspec, which needs
-`gcsfs` for `gs://` (`s3fs` for `s3://`). Orbax also needs `google-cloud-storage` on `gs://`
-(it asks whether the bucket has a hierarchical namespace); the `[gcs]` extra has both. The
-checkpoint arrays themselves go through TensorStore's own GCS driver.
+- `resolve`: local paths made absolute (`os.path.abspath`), URLs kept as they are (`gs://b/x`
+  stays `gs://b/x`, never `/cwd/gs:/b/x`), an unknown URL scheme named in one error.
+- `join`: a local path stays as given (not made absolute); a URL gets its child.
+- `AppendFile`: object stores cannot append to an object, so for a URL (metrics.jsonl,
+  TensorBoard event files) the content is kept in memory and the object rewritten when it
+  flushes, at most every `REMOTE_FLUSH_SECONDS` (GCS allows about one write a second to one
+  object) and always on close. A crash loses at most that many seconds of rows; two processes
+  appending to the same remote file at once would overwrite each other's rows.
+- `upload_tree`, `check_workdir`, `check_writable`.
 
-Object stores cannot append to an object, so `AppendFile` (metrics.jsonl, TensorBoard event
-files) keeps a remote file's whole content in memory and rewrites the object when it flushes,
-at most every `REMOTE_FLUSH_SECONDS` (GCS allows about one write a second to one object) and
-always on close. A crash loses at most that many seconds of rows; two processes appending to
-the same remote file at once (an `evaluate` while the run still trains) would overwrite each
-other's rows, since each rewrites the object from its own copy.
+epath's backend for URLs is TensorFlow's `tf.io.gfile` where TensorFlow is installed (unless
+`EPATH_USE_TF=0`), else fsspec, which needs `gcsfs` for `gs://`; orbax also needs
+`google-cloud-storage` on `gs://` (the `[gcs]` extra has both). Checkpoint arrays go through
+TensorStore's own GCS driver.
 """
 import os
-import shutil
 import time
 
 from etils import epath
 
+from siglip_jax import errors
+
 REMOTE_FLUSH_SECONDS = 10.0
+
+
+class PathError(errors.UserError, ValueError):
+  """A path that cannot serve its purpose (an unknown URL scheme, a file as a workdir)."""
 
 
 def is_remote(path) -> bool:
@@ -33,7 +38,36 @@ def is_remote(path) -> bool:
 def resolve(path) -> epath.Path:
   """An absolute local path, or the URL unchanged, as an `epath.Path`."""
   path = os.fspath(path)
-  return epath.Path(path if is_remote(path) else os.path.abspath(path))
+  if not is_remote(path):
+    return epath.Path(os.path.abspath(path))
+  try:
+    return epath.Path(path)
+  except KeyError:   # epath's table of URL schemes has no entry for it
+    scheme = path.split("://", 1)[0]
+    raise PathError(f"{path}: unknown URL scheme {scheme}:// (use a local path, gs://, s3:// "
+                    "or another scheme etils.epath knows)") from None
+
+
+def check_workdir(workdir):
+  """Raises PathError unless `workdir` can be a training workdir: a folder (or a URL of a known
+  scheme), not a file. Run before anything is built, so the mistake costs a second."""
+  resolve(workdir)
+  if not is_remote(workdir) and os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise PathError(f"workdir {workdir} is a file, not a folder")
+
+
+def check_writable(folder):
+  """Raises PathError naming `folder` unless a file can be created in it (local folders; a
+  bucket's permissions show at the first write)."""
+  if is_remote(folder):
+    return
+  probe = os.path.join(folder, f".siglip_jax_write_probe.{os.getpid()}")
+  try:
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise PathError(f"workdir {folder} is not writable ({e.strerror.lower()})") from None
 
 
 def join(base, *names) -> str:
@@ -43,65 +77,15 @@ def join(base, *names) -> str:
   return os.path.join(base, *names)
 
 
-def makedirs(path):
-  """`os.makedirs(path, exist_ok=True)` for local paths and URLs alike."""
-  if is_remote(path):
-    epath.Path(os.fspath(path)).mkdir(parents=True, exist_ok=True)
-  else:
-    os.makedirs(path, exist_ok=True)
-
-
-def exists(path) -> bool:
-  return epath.Path(os.fspath(path)).exists() if is_remote(path) else os.path.exists(path)
-
-
-def isdir(path) -> bool:
-  return epath.Path(os.fspath(path)).is_dir() if is_remote(path) else os.path.isdir(path)
-
-
-def isfile(path) -> bool:
-  if is_remote(path):
-    p = epath.Path(os.fspath(path))
-    return p.exists() and not p.is_dir()
-  return os.path.isfile(path)
-
-
-def read_bytes(path) -> bytes:
-  if is_remote(path):
-    return epath.Path(os.fspath(path)).read_bytes()
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def listdir(path) -> list[str]:
-  """The names in a folder (a URL: the names under that prefix)."""
-  if is_remote(path):
-    return [p.name for p in epath.Path(os.fspath(path)).iterdir()]
-  return os.listdir(path)
-
-
-def move(src, dst):
-  """`shutil.move` locally; a URL folder is renamed object by object by the store's client."""
-  if is_remote(src) or is_remote(dst):
-    epath.Path(os.fspath(src)).rename(os.fspath(dst))
-  else:
-    shutil.move(src, dst)
-
-
 def upload_tree(local_dir, dst):
-  """Copies the files under a local folder to `dst` (a URL or a local path), keeping the tree."""
+  """Copies the files under a local folder to `dst` (a URL or a local path), keeping the tree
+  (etils.epath copies one file at a time)."""
   for root, _, files in os.walk(local_dir):
     rel = os.path.relpath(root, local_dir)
-    target = dst if rel == "." else join(dst, *rel.split(os.sep))
-    makedirs(target)
+    target = epath.Path(dst if rel == "." else join(dst, *rel.split(os.sep)))
+    target.mkdir(parents=True, exist_ok=True)
     for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        data = f.read()
-      if is_remote(target):
-        epath.Path(join(target, name)).write_bytes(data)
-      else:
-        with open(os.path.join(target, name), "wb") as f:
-          f.write(data)
+      epath.Path(os.path.join(root, name)).copy(target / name, overwrite=True)
 
 
 class AppendFile:

@@ -35,8 +35,10 @@ import re
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from siglip_jax import cli
 
 # HBM per chip (GiB) and dense bf16 peak (TFLOP/s, per chip) from the vendors' spec sheets.
 CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918),
@@ -225,23 +227,21 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) are noise here
   if _CONFIG.value is None:
-    sys.exit("error: --config is required (e.g. --config=configs/demo.py)")
+    cli.fail("--config is required (e.g. --config=configs/demo.py)")
   if _DEVICES.value < 1:
-    sys.exit(f"error: --devices must be positive, got {_DEVICES.value}")
+    cli.fail(f"--devices must be positive, got {_DEVICES.value}")
   try:
     chip_spec(_CHIP.value)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e)
   # The device count is fixed when JAX starts its CPU backend: if something imported JAX
   # already, start over in a fresh interpreter with the environment set.
   if simulate_devices(_DEVICES.value) and "jax" in sys.modules:
     os.execv(sys.executable, [sys.executable, "-m", "siglip_jax.preflight", *sys.argv[1:]])
   from siglip_jax import experiment
-  try:
+  with cli.user_errors(ValueError):
     experiment.check_config(_CONFIG.value)
     report = estimate(_CONFIG.value, _CHIP.value, _USABLE.value, _SCALE.value)
-  except (experiment.ConfigError, ValueError) as e:
-    sys.exit(f"error: {e}")
   print(table(report))
   print(json.dumps(report), flush=True)
   reason = verdict(report)
@@ -251,4 +251,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,8 +1,11 @@
-"""The one jitted train step (forward, loss, grads, update), shared by train, bench and preflight.
+"""The one jitted train step (forward, objectives, grads, update), shared by train, bench and
+preflight.
 
-The state is sharded by the mesh's regex rules and donated; the batch is sharded over all batch
-axes. A non-finite loss or gradient leaves the weights untouched and records the step in
-`state.bad_step`, so non-finite weights can never reach a checkpoint.
+The loss is `sum_k weight_k * loss_k` over the objectives on at this step (`objectives`): the
+two towers run once, and each objective reads what it needs of their outputs (the embeddings,
+the image patch tokens). The state is sharded by the mesh's regex rules and donated; the batch
+is sharded over all batch axes. A non-finite loss or gradient leaves the weights untouched and
+records the step in `state.bad_step`, so non-finite weights can never reach a checkpoint.
 """
 from typing import Any
 
@@ -10,8 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-
-from siglip_jax import losses, mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -23,38 +24,55 @@ class TrainState:
   bad_step: jax.Array    # 0, or the first step whose loss or gradient was not finite
 
 
-def init_state(model, tx, rng, example_batch):
+def tower_params(params, objectives):
+  """The two towers' parameters: all but the objectives' own top-level names."""
+  own = {name for o in objectives for name in o.param_names}
+  return {k: v for k, v in params.items() if k not in own}
+
+
+def tower_outputs(model, params, batch, train=False):
+  """The towers' intermediates plus `zimg`, `ztxt`: what objectives read."""
+  zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train)
+  return dict(out, zimg=zimg, ztxt=ztxt)
+
+
+def init_params(model, objectives, rng, example_batch):
+  """The towers' parameters and every objective's own (the decoder's, ...)."""
+  params = dict(model.init(rng, example_batch["image"], example_batch["text"])["params"])
+  extra = [o for o in objectives if o.param_names]
+  if extra:
+    tower_out = tower_outputs(model, params, example_batch)
+    for k, o in enumerate(extra):
+      params.update(o.init(jax.random.fold_in(rng, k + 1), example_batch, tower_out))
+  return params
+
+
+def init_state(model, objectives, tx, rng, example_batch):
   """Initial state (call under jit with out_shardings, or via jax.eval_shape)."""
   init_rng, rng = jax.random.split(rng)
-  params = model.init(init_rng, example_batch["image"], example_batch["text"])["params"]
+  params = init_params(model, objectives, init_rng, example_batch)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(rng), bad_step=jnp.zeros((), jnp.int32))
 
 
-def _mean_logits(zimg, ztxt, t, b):
-  """Mean logit of matching and of non-matching pairs in O(B*D), without the BxB matrix."""
-  n = zimg.shape[0]
-  diag = jnp.sum(zimg * ztxt)                                  # sum_i <zimg_i, ztxt_i>
-  total = jnp.dot(jnp.sum(zimg, 0), jnp.sum(ztxt, 0))          # sum_ij <zimg_i, ztxt_j>
-  pos = t * diag / n + b
-  neg = t * (total - diag) / max(n * (n - 1), 1) + b
-  return pos, neg
-
-
 def _global_norm(tree):
-  return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
+  return optax.tree.norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def make_train_step(model, tx, loss_fn, lr_fn):
-  """Returns `step(state, batch) -> (state, metrics)`; jit it with shardings and donation."""
+def make_train_step(model, tx, objectives, lr_fn, active=None):
+  """Returns `step(state, batch) -> (state, metrics)` training the objectives named in `active`
+  (default: all); jit it with shardings and donation, once per set of active objectives."""
+  on = [o for o in objectives if active is None or o.name in active]
 
   def forward_loss(params, batch):
-    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=True)
-    t = out["t"].reshape(())
-    b = out["b"].reshape(()) if "b" in out else jnp.zeros((), jnp.float32)
-    loss = loss_fn(zimg, ztxt, t, b)
-    pos, neg = _mean_logits(zimg, ztxt, t, b)
-    return loss, dict(t=t, b=b, pos_logit=pos, neg_logit=neg)
+    tower_out = tower_outputs(model, tower_params(params, objectives), batch, train=True)
+    total, metrics = jnp.zeros((), jnp.float32), {}
+    for o in on:
+      loss, extra = o.loss(params, batch, tower_out)
+      total = total + o.weight * loss
+      metrics[f"train/loss_{o.name}"] = loss
+      metrics.update(extra)
+    return total, metrics
 
   def step(state, batch):
     (loss, aux), grads = jax.value_and_grad(forward_loss, has_aux=True)(state.params, batch)
@@ -63,7 +81,7 @@ def make_train_step(model, tx, loss_fn, lr_fn):
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_step = state.step + 1
-    keep = lambda new, old: jax.tree_util.tree_map(
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda a, o: jnp.where(finite, a, o), new, old)
     new_state = TrainState(
         step=new_step,
@@ -73,19 +91,12 @@ def make_train_step(model, tx, loss_fn, lr_fn):
         bad_step=jnp.where((state.bad_step == 0) & ~finite, new_step, state.bad_step))
     metrics = {
         "train/loss": loss,
-        "train/t": aux["t"],
-        "train/b": aux["b"],
         "train/lr": lr_fn(state.step),
         "train/grad_norm": grad_norm,
         "train/param_norm": _global_norm(params),
         "train/update_norm": _global_norm(updates),
-        "train/pos_logit": aux["pos_logit"],
-        "train/neg_logit": aux["neg_logit"],
+        **aux,
     }
     return new_state, metrics
 
   return step
-
-
-def make_loss_fn(loss_kind, mesh):
-  return losses.make_loss_fn(loss_kind, mesh=mesh, batch_axes=mesh_lib.batch_axes(mesh))

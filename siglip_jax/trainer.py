@@ -1,11 +1,16 @@
 """The training loop: wires mesh, state, data, the jitted step, checkpoints, evals, metrics."""
+import contextlib
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, optim, step
-from siglip_jax import paths, perf
+from etils import epath
+
+from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, objectives
+from siglip_jax import optim, step
+from siglip_jax import paths, perf, workdir_lease
 
 
 class TrainingError(RuntimeError):
@@ -25,28 +30,35 @@ def build(config, workdir=None):
     raise experiment.ConfigError(str(e)) from None  # names input.batch_size
   tokenizer = experiment.make_tokenizer(config)
   model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
-  size, length = config.input.image_size, config.input.text_len
-  example = {"image": jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3), jnp.float32),
-             "text": jax.ShapeDtypeStruct((config.input.batch_size, length), jnp.int32)}
+  objs = objectives.build(config, towers=model, text_vocab=vocab_size, mesh=mesh)
+  example = experiment.example_batch(config, objs)
   abstract_params = jax.eval_shape(
-      lambda i, t: model.init(jax.random.key(0), i, t), example["image"], example["text"])["params"]
+      lambda b: step.init_params(model, objs, jax.random.key(0), b), example)
   tx, lr_fn = optim.make_optimizer(abstract_params, config.optim, config.total_steps)
-  init = functools.partial(step.init_state, model, tx)
+  init = functools.partial(step.init_state, model, objs, tx)
   abstract_state = jax.eval_shape(init, jax.random.key(config.seed), example)
-  rules = config.get("sharding_rules", ((".*", "replicate"),))
+  rules = config.sharding_rules
   try:
-    state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules)
+    state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules,
+                                             config.fsdp_min_size_mb)
+    mesh_lib.check_axes_used(mesh, rules)
   except ValueError as e:
     raise experiment.ConfigError(f"config key `sharding_rules`: {e}") from None
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  data_sharding = {"image": batch_sharding, "text": batch_sharding}
-  loss_fn = step.make_loss_fn(config.loss.kind, mesh)
-  train_step = jax.jit(step.make_train_step(model, tx, loss_fn, lr_fn),
-                       in_shardings=(state_sharding, data_sharding),
-                       out_shardings=(state_sharding, None), donate_argnums=(0,))
-  return dict(mesh=mesh, model=model, tokenizer=tokenizer, vocab_size=vocab_size, tx=tx,
-              abstract_state=abstract_state, state_sharding=state_sharding,
-              batch_sharding=batch_sharding, train_step=train_step,
+  data_sharding = {k: batch_sharding for k in example}
+
+  @functools.lru_cache(maxsize=None)
+  def train_step_for(active):
+    """The jitted step training the objectives named in `active` (one compile per set)."""
+    return jax.jit(step.make_train_step(model, tx, objs, lr_fn, active),
+                   in_shardings=(state_sharding, data_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+  return dict(mesh=mesh, model=model, objectives=objs, tokenizer=tokenizer,
+              vocab_size=vocab_size, tx=tx, example=example, abstract_state=abstract_state,
+              state_sharding=state_sharding, batch_sharding=batch_sharding,
+              train_step=train_step_for(frozenset(o.name for o in objs)),
+              train_step_at=lambda done: train_step_for(objectives.active_names(objs, done)),
               init=jax.jit(init, out_shardings=state_sharding))
 
 
@@ -62,28 +74,39 @@ def initial_state(config, parts, ckpt):
     state, extra = ckpt.restore(target)
     # The data loader's resume point: next step and running skip total (data/skipped).
     return state, {"data_position": int(extra.get("data_position", int(state.step))),
-                   "data_skipped": int(extra.get("data_skipped", 0))}
-  state = parts["init"](jax.random.key(config.seed), _zeros_like_batch(config))
+                   "data_skipped": int(extra.get("data_skipped", 0)),
+                   "data_skipped_regions": int(extra.get("data_skipped_regions", 0))}
+  state = parts["init"](jax.random.key(config.seed), _zeros_like(parts["example"]))
   if config.model_init:
     from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
-    params = model_init.load_init_params(config.model_init, state.params,
-                                         dont_load=config.model_load.dont_load)
+    try:
+      params = model_init.load_init_params(config.model_init, state.params,
+                                           dont_load=config.model_load.dont_load)
+    except (ValueError, OSError) as e:
+      raise experiment.ConfigError(f"config key `model_init`: {e}") from None
     state = state.replace(params=params,
                           opt_state=jax.jit(parts["tx"].init, out_shardings=parts[
                               "state_sharding"].opt_state)(params))
   return state, {}
 
 
-def _zeros_like_batch(config):
-  size, b = config.input.image_size, config.input.batch_size
-  return {"image": jnp.zeros((b, size, size, 3), jnp.float32),
-          "text": jnp.zeros((b, config.input.text_len), jnp.int32)}
+def _zeros_like(example):
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), example)
 
 
 def inference_handle(config, parts, params):
-  return inference.SigLIP(parts["model"], params, image_size=config.input.image_size,
+  """The handle evaluators use: the towers, and the LocCa decoder when training has one."""
+  towers = step.tower_params(params, parts["objectives"])
+  decoding = None
+  for o in parts["objectives"]:
+    if o.name == "locca":
+      from siglip_jax import decoding as decoding_lib
+      decoding = decoding_lib.Decoding(parts["model"], towers, o.decoder, params["decoder"],
+                                       parts["tokenizer"])
+  return inference.SigLIP(parts["model"], towers, image_size=config.input.image_size,
                           text_len=config.input.text_len, vocab_size=parts["vocab_size"],
-                          tokenizer=parts["tokenizer"], mesh=parts["mesh"], config=config)
+                          tokenizer=parts["tokenizer"], mesh=parts["mesh"], config=config,
+                          decoding=decoding)
 
 
 def run_evals(evaluators, config, parts, params, step_no, writer, force=False):
@@ -96,6 +119,21 @@ def run_evals(evaluators, config, parts, params, step_no, writer, force=False):
   return results
 
 
+def _say_what_resume_means(workdir, first, total):
+  """A restart from scratch beside an old run's metrics, or a resume with nothing left to do,
+  is said loudly: both are usually a mistake (a deleted checkpoints/, a lowered total_steps)."""
+  if first == 0:
+    logged = metrics.last_logged_step(workdir)
+    if logged:
+      print(f"WARNING: {paths.join(workdir, 'metrics.jsonl')} has rows up to step {logged} but "
+            f"{paths.join(workdir, 'checkpoints')} holds no checkpoint: training RESTARTS FROM "
+            "SCRATCH (new rows follow the old ones)", file=sys.stderr, flush=True)
+  elif first >= total:
+    what = "is past" if first > total else "reached"
+    print(f"nothing to train: the checkpoint at step {first} {what} total_steps={total} "
+          "(raise --config.total_steps to train on)", file=sys.stderr, flush=True)
+
+
 def _check_finite(state):
   bad = int(jax.device_get(state.bad_step))
   if bad:
@@ -104,62 +142,86 @@ def _check_finite(state):
 
 
 def train(config, workdir):
-  parts = build(config)
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final
+  evaluation's metrics. Bad input fails before anything is built; a second run on the same
+  workdir is refused (`workdir_lease`) before anything compiles."""
+  experiment.check_config(config)
+  paths.check_workdir(workdir)
+  if config.model_init:
+    from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
+    model_init.check_source(config.model_init)
   is_main = jax.process_index() == 0
   # A local folder or a URL (gs://...; see siglip_jax.paths). A bucket needs no folders: one
   # placeholder from process 0, not one write of the same object from every host.
   if is_main or not paths.is_remote(workdir):
-    paths.makedirs(workdir)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, config=config)
-  state, data_state = initial_state(config, parts, ckpt)
-  first = int(jax.device_get(state.step))
-  total = config.total_steps
-  writer = metrics.make_writers(workdir, is_main)
-  evaluators = experiment.make_evaluators(config)
-  if is_main:
-    print(f"siglip_jax: {jax.device_count()} devices x {jax.process_count()} processes, mesh "
-          f"{dict(parts['mesh'].shape)}, {'resuming at step ' + str(first) if first else 'from scratch'}",
-          flush=True)
-  data = experiment.make_train_data(config, parts["tokenizer"], parts["batch_sharding"],
-                                    data_state)
-  progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
-  perf_meter = perf.PerfMeter(config, parts["model"], enabled=is_main)
-  profiler = perf.StepProfiler(config.get("profile_steps", ""), workdir)
-  final = {}
-  wait_s = 0.0
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.check_writable(workdir)
+  lease = workdir_lease.acquire_for_run(workdir)
   try:
-    for step_no in range(first + 1, total + 1):
-      _, batch, wait = next(data)
-      wait_s += wait
-      profiler.before_step(step_no)
-      state, step_metrics = parts["train_step"](state, batch)
-      profiler.after_step(step_no, state)
-      last = step_no == total
-      if step_no % config.log_every_steps == 0 or last:
-        _check_finite(state)
-        host = jax.device_get(step_metrics)
-        pairs_per_s = progress.update(step_no, float(host["train/loss"]))
-        host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s,
-                     "data/skipped": data.skipped_total(),
-                     **perf_meter.metrics(pairs_per_s)})
-        wait_s = 0.0
-        writer.write(step_no, host)
-      if ckpt.should_save(step_no, last=last) or ckpt.reached_preemption(step_no):
-        _check_finite(state)
-        ckpt.save(step_no, state, data.state())
-        if ckpt.reached_preemption(step_no) and not last:
-          ckpt.wait()
-          if is_main:
-            print(f"preempted: saved step {step_no}; rerun the same command to resume", flush=True)
-          return {}
-      results = run_evals(evaluators, config, parts, state.params, step_no, writer, force=last)
-      if last:
-        final = results
+    return _train_holding_lease(config, workdir, is_main)
   finally:
-    profiler.stop()
-    data.close()
-    ckpt.close()
-    writer.close()
+    lease.release()   # last, once checkpoints are written
+
+
+def _train_holding_lease(config, workdir, is_main):
+  parts = build(config)
+  with contextlib.ExitStack() as cleanup:
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, config=config)
+    cleanup.callback(ckpt.close)
+    state, data_state = initial_state(config, parts, ckpt)
+    first = int(jax.device_get(state.step))
+    total = config.total_steps
+    if is_main:
+      _say_what_resume_means(workdir, first, total)
+    writer = metrics.make_writers(workdir, is_main)
+    cleanup.callback(writer.close)
+    evaluators = experiment.make_evaluators(config)
+    if is_main:
+      print(f"siglip_jax: {jax.device_count()} devices x {jax.process_count()} processes, mesh "
+            f"{dict(parts['mesh'].shape)}, "
+            f"{'resuming at step ' + str(first) if first else 'from scratch'}", flush=True)
+    data = experiment.make_train_data(config, parts["tokenizer"], parts["batch_sharding"],
+                                      data_state)
+    cleanup.callback(data.close)
+    profiler = perf.StepProfiler(config.profile_steps, workdir)
+    cleanup.callback(profiler.stop)
+    final = _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
+                  is_main)
   if is_main and final:
     print(metrics.summary_table(final), flush=True)
+  return final
+
+
+def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler, is_main):
+  """Steps first+1 .. total_steps: train, log, save, evaluate. Returns the last step's
+  evaluation ({} when preempted)."""
+  total = config.total_steps
+  progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
+  perf_meter = perf.PerfMeter(config, parts["model"], enabled=is_main)
+  final = {}
+  wait_s = 0.0
+  for step_no in range(first + 1, total + 1):
+    _, batch, wait = next(data)
+    wait_s += wait
+    profiler.before_step(step_no)
+    state, step_metrics = parts["train_step_at"](step_no - 1)(state, batch)
+    profiler.after_step(step_no, state)
+    last = step_no == total
+    if step_no % config.log_every_steps == 0 or last:
+      _check_finite(state)
+      host = jax.device_get(step_metrics)
+      pairs_per_s = progress.update(step_no, float(host["train/loss"]))
+      host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s,
+                   **data.metrics(),
+                   **perf_meter.metrics(pairs_per_s)})
+      wait_s = 0.0
+      writer.write(step_no, host)
+    # Every step: the checkpointer alone decides (schedule, last step, preemption notice).
+    if ckpt.maybe_save(step_no, state, data.state, last=last, check=_check_finite):
+      if is_main:
+        print(f"preempted: saved step {step_no}; rerun the same command to resume", flush=True)
+      return {}
+    results = run_evals(evaluators, config, parts, state.params, step_no, writer, force=last)
+    if last:
+      final = results
   return final

@@ -1,11 +1,19 @@
 """Test-wide set-up: 8 simulated CPU devices (set before JAX is imported anywhere), and helpers
 to run the CLI entry points as a user would, in subprocesses with a clean device setting."""
+import contextlib
 import os
 import subprocess
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session's processes: the many tiny training subprocesses compile
+# the same programs (JAX keys the cache on the program, devices and flags, so a hit is exact).
+# A run's own environment may name another cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="siglip_jax_test_xla_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import pytest  # noqa: E402
 
@@ -46,6 +54,27 @@ def run_module(module, args, *, devices=1, timeout=300, check=True, env=None):
   return proc
 
 
+@contextlib.contextmanager
+def read_only(path):
+  """`path` made read-only: modes (a-w) and, for root, whom modes do not stop, a read-only bind
+  mount where the system allows one. Yields whether writes are really refused."""
+  subprocess.run(["chmod", "-R", "a-w", path], check=True)
+  mounted = False
+  if os.geteuid() == 0:
+    if subprocess.run(["mount", "--bind", path, path], capture_output=True).returncode == 0:
+      mounted = True
+      if subprocess.run(["mount", "-o", "remount,bind,ro", path],
+                        capture_output=True).returncode != 0:
+        subprocess.run(["umount", path], check=True)
+        mounted = False
+  try:
+    yield mounted or os.geteuid() != 0
+  finally:
+    if mounted:
+      subprocess.run(["umount", path], check=True)
+    subprocess.run(["chmod", "-R", "u+w", path], check=True)
+
+
 @pytest.fixture
 def repo():
   return REPO
@@ -61,3 +90,10 @@ def tiny_run(tmp_path_factory):
       f"--workdir={workdir}", "--config.total_steps=6", "--config.log_every_steps=2",
       "--config.checkpoint.every_steps=3", "--config.profile_steps=2,3"], devices=2)
   return {"workdir": workdir, "stdout": proc.stdout}
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: runs training or CLI subprocesses (deselect with "
+                          "-m 'not slow' for the fast subset)")
+  config.addinivalue_line("markers", "accelerator: also run on a GPU/TPU (models, losses, step, "
+                          "checkpoints, export): JAX_PLATFORMS=cuda pytest -m accelerator")

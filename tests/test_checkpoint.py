@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import glob  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -17,7 +18,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from siglip_jax import checkpoint, model_init  # noqa: E402
+from siglip_jax import checkpoint, checkpoint_fingerprint, checkpoint_read, model_init  # noqa: E402
 
 
 @flax.struct.dataclass
@@ -114,19 +115,47 @@ def test_restore_onto_another_mesh(tmp_path, devices):
   state = _state(_mesh(4))
   _save(tmp_path, [7], state)
   mesh = _mesh(devices)
-  restored, _ = checkpoint.Checkpointer(tmp_path, _cfg()).restore(_target(state, mesh))
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+  restored, _ = ckpt.restore(_target(state, mesh))
   _assert_same(restored, state)
   kernel = restored.params["img"]["embedding"]["kernel"]
   assert kernel.sharding == NamedSharding(mesh, P("data"))
   assert len(kernel.addressable_shards) == devices
+  # The fingerprints saved from 4 devices are those of the state restored onto `devices`...
+  path = tmp_path / "checkpoints" / "7" / "fingerprints" / "metadata"
+  record = json.loads(path.read_text())
+  sums, _ = checkpoint_fingerprint.compute(restored)
+  assert {n: a["sums"] for n, a in record["arrays"].items()} == sums and len(sums) == 19
+  # ... and the restore compares them: a recorded sum that differs is damage.
+  record["arrays"]["params/txt/head/bias"]["sums"][1] ^= 1
+  path.write_text(json.dumps(record))
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="params/txt/head/bias"):
+    ckpt.restore(_target(state, mesh), step=7)
+  ckpt.close()
+
+
+def test_checkpoint_without_fingerprints_still_loads(tmp_path, caplog):
+  state = _state(_mesh(1))
+  _save(tmp_path, [2, 4], state)
+  for step in (2, 4):   # as a siglip_jax from before fingerprints saved them
+    shutil.rmtree(tmp_path / "checkpoints" / str(step) / "fingerprints")
+  checkpoint_read._warned_unverified.clear()
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+  with caplog.at_level(logging.WARNING):
+    restored, extra = ckpt.restore(_target(state, _mesh(2)))
+    assert sorted(checkpoint.read_params(tmp_path)) == sorted(
+        k.split("/", 1)[1] for k in checkpoint_fingerprint.compute(state)[0] if "params/" in k)
+  ckpt.close()
+  _assert_same(restored, state.replace(step=jnp.array(4, jnp.int32)))
+  assert extra == {"data_position": 40}
+  assert len([r for r in caplog.records if "hold no fingerprints" in r.getMessage()]) == 1
 
 
 def test_preservation_keeps_latest_and_every_nth(tmp_path):
   state = _state(_mesh(1))
   ckpt = checkpoint.Checkpointer(tmp_path, _cfg(every_steps=2, keep=2, keep_every=10))
-  for step in range(1, 26):
-    if ckpt.should_save(step, last=step == 25):
-      ckpt.save(step, state, {"data_position": step})
+  for step in range(1, 26):   # maybe_save decides: every 2nd step and the last
+    assert not ckpt.maybe_save(step, state, lambda: {"data_position": step}, last=step == 25)
   ckpt.close()
   assert _steps(tmp_path) == [10, 20, 24, 25]
 
@@ -173,7 +202,7 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
   for f in glob.glob(str(tmp_path / "checkpoints/2/state/**/d/*"), recursive=True):
     os.remove(f)
   ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
-  with pytest.raises(RuntimeError, match="no readable checkpoint .* step 2: "):
+  with pytest.raises(checkpoint.NoCheckpointError, match="no readable checkpoint .* step 2: "):
     ckpt.restore(_target(state, _mesh(1)))
   ckpt.close()
   assert _steps(tmp_path) == [2] and not os.path.exists(tmp_path / "checkpoints.damaged")
@@ -206,16 +235,23 @@ def test_non_finite_state_is_not_saved(tmp_path):
   assert _steps(tmp_path) == []
 
 
-def test_sigterm_sets_reached_preemption(tmp_path):
-  ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+def test_sigterm_saves_at_the_next_step_and_stops(tmp_path, monkeypatch):
+  state = _state(_mesh(1))
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg(every_steps=4))
+  asked = []
+  real = ckpt.reached_preemption
+  monkeypatch.setattr(ckpt, "reached_preemption", lambda s: asked.append(s) or real(s))
   try:
     assert signal.getsignal(signal.SIGTERM) == ckpt._on_sigterm
-    assert not ckpt.reached_preemption(3)
+    assert not ckpt.maybe_save(1, state, {})   # not scheduled, no notice: nothing saved
     os.kill(os.getpid(), signal.SIGTERM)
-    assert ckpt.reached_preemption(3)
-    assert ckpt.should_save(3, last=True) and not ckpt.should_save(3) and ckpt.should_save(4)
+    assert ckpt.maybe_save(3, state, {"data_position": 3})   # off-schedule: saved, stop
+    assert _steps(tmp_path) == [3]   # committed by the time maybe_save says stop
+    assert not ckpt.maybe_save(5, state, {}, last=True)   # the last step: saved, no stop
   finally:
     ckpt.close()
+  assert asked == [1, 3, 5]   # once per step (a collective sync point with several processes)
+  assert _steps(tmp_path) == [3, 5]
   assert signal.getsignal(signal.SIGTERM) != ckpt._on_sigterm
 
 
@@ -248,3 +284,119 @@ def test_load_init_params(tmp_path):
   init["txt"]["extra"] = jnp.zeros((3,))
   with pytest.raises(ValueError, match="not in .*txt/extra"):
     model_init.load_init_params(tmp_path, init, dont_load=("txt/head/.*",))
+
+
+def test_failing_async_save_is_raised_not_logged(tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+
+  async def disk_full(self, item, directory):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  state = _state(_mesh(1))
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full)
+  ckpt.save(2, state, {})   # async: the write fails in the background
+  with pytest.raises(checkpoint.CheckpointSaveError, match="step 2 .* was not saved") as e:
+    ckpt.close()
+  assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
+  assert _steps(tmp_path) == []
+
+
+_HANGING_SAVE = """
+import sys, threading
+import orbax.checkpoint as ocp
+sys.path.insert(0, {tests!r})
+import test_checkpoint as t
+from siglip_jax import checkpoint
+
+async def stalled(self, item, directory):
+  threading.Event().wait()   # a filesystem that never answers
+
+ocp.JsonCheckpointHandler._save_fn = stalled
+checkpoint._EXIT_GRACE_S = 1.0
+ckpt = checkpoint.Checkpointer({workdir!r}, t._cfg(), save_timeout_s=1)
+ckpt.save(2, t._state(t._mesh(1)), {{}})
+try:
+  ckpt.close()
+except checkpoint.CheckpointSaveError as e:
+  print("close raised:", e, flush=True)
+"""
+
+
+def test_hanging_save_bounds_close_and_exit(tmp_path):
+  """A save stuck in the filesystem: close() reports it after save_timeout_s, and the process
+  exits although orbax's writer threads never end (the interpreter would wait for them)."""
+  import subprocess
+  import sys
+  from conftest import REPO, cli_env
+  script = _HANGING_SAVE.format(tests=os.path.dirname(__file__), workdir=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(1),
+                        capture_output=True, text=True, timeout=120)
+  assert "close raised: checkpoint step 2" in proc.stdout, proc.stderr[-3000:]
+  assert proc.returncode == 1 and "exit is held up by a checkpoint save" in proc.stderr
+  assert _steps(tmp_path) == []
+
+
+def test_model_init_from_a_workdir_skips_a_damaged_step(tmp_path, caplog):
+  older, newer = _state(_mesh(1), seed=0), _state(_mesh(1), seed=1)
+  _save(tmp_path, [2], older)
+  _save(tmp_path, [4], newer)
+  os.remove(tmp_path / "checkpoints" / "4" / "state" / "_METADATA")
+  checkpoint_read._warned_damaged.clear()
+  with caplog.at_level(logging.WARNING):
+    params = model_init.load_init_params(tmp_path, _state(_mesh(2), seed=2).params)
+  _assert_same(params, older.params)
+  assert any("checkpoint step 4" in r.getMessage() and "_METADATA is missing" in r.getMessage()
+             for r in caplog.records)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="checkpoints/4 is damaged"):
+    model_init.load_init_params(tmp_path / "checkpoints" / "4", older.params)
+  assert _steps(tmp_path) == [2, 4]   # a reader moves nothing
+
+
+def _write_array(step_dir, name, value):
+  """Overwrites one saved array in place (a valid OCDBT write through tensorstore), as bit rot
+  that still decodes would leave it."""
+  import tensorstore as ts
+  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "path": name + "/",
+                                        "base": f"file://{step_dir}/state/"}}
+  ts.open(spec, open=True).result().write(value).result()
+
+
+@pytest.mark.parametrize("damage", ["extra", "fingerprints", "nan_without_fingerprints"])
+def test_unreadable_items_and_non_finite_values_are_damage(tmp_path, damage, caplog):
+  state = _state(_mesh(1))
+  _save(tmp_path, [2, 4], state)
+  step_dir = tmp_path / "checkpoints" / "4"
+  if damage == "nan_without_fingerprints":   # saved before fingerprints: isfinite still checks
+    shutil.rmtree(step_dir / "fingerprints")
+    _write_array(step_dir, "params.t", np.array([np.nan], np.float32))
+  else:
+    (step_dir / damage / "metadata").write_text('{"data_position": 4')   # cut JSON
+  checkpoint_read._warned_damaged.clear()
+  with caplog.at_level(logging.WARNING):
+    # Readers check what they read: params, config, fingerprints (not the data position).
+    assert checkpoint_read.read(tmp_path).step == (4 if damage == "extra" else 2)
+    ckpt = checkpoint.Checkpointer(tmp_path, _cfg())
+    _, extra = ckpt.restore(_target(state, _mesh(1)))
+    ckpt.close()
+  assert extra == {"data_position": 20}
+  warned = [r for r in caplog.records if "checkpoint step 4" in r.getMessage()]
+  assert len(warned) == (1 if damage == "extra" else 2)
+  assert _steps(tmp_path) == [2] and os.path.isdir(tmp_path / "checkpoints.damaged" / "4")
+
+
+def test_a_step_marked_damaged_is_skipped_and_saved_again(tmp_path):
+  # How training leaves a damaged step on an object store (here a local copy of such a run).
+  state = _state(_mesh(1))
+  _save(tmp_path, [2, 4], state)
+  (tmp_path / "checkpoints" / "4" / "DAMAGED").write_text("state/_METADATA is missing\n")
+  ckpt = checkpoint.Checkpointer(tmp_path, _cfg(keep=1))
+  assert ckpt.latest_step() == 2 and checkpoint.committed_steps(ckpt.directory) == [2]
+  _, extra = ckpt.restore(_target(state, _mesh(1)))
+  assert extra == {"data_position": 20}
+  assert ckpt.maybe_save(3, state, {"data_position": 30}) is False   # off-schedule: nothing
+  ckpt.save(4, state, {"data_position": 40})   # the marked step is replaced, not kept
+  ckpt.close()
+  assert _steps(tmp_path) == [4] and not (tmp_path / "checkpoints" / "4" / "DAMAGED").exists()
+  assert checkpoint_read.read(tmp_path).step == 4

@@ -124,3 +124,37 @@ def test_bad_rules(rule):
   mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 4)], devices=CPU)
   with pytest.raises(ValueError, match="rule"):
     mesh_lib.param_shardings(PARAMS, mesh, [rule])
+
+
+def test_fsdp_leaves_arrays_below_the_size_threshold_replicated():
+  mesh = mesh_lib.make_mesh([("fsdp", 8)], devices=CPU)
+  params = {"big": jax.ShapeDtypeStruct((1024, 512), jnp.float32),     # 2 MiB
+            "small": jax.ShapeDtypeStruct((256, 512), jnp.float32)}    # 0.5 MiB
+  got = specs(mesh_lib.tree_shardings(params, mesh, [(".*", "fsdp")], min_size_mb=1.0))
+  assert got == {"big": P("fsdp", None), "small": P()}
+  got = specs(mesh_lib.tree_shardings(params, mesh, [(".*", "fsdp")], min_size_mb=0.0))
+  assert got == {"big": P("fsdp", None), "small": P(None, "fsdp")}   # the largest dimension
+
+
+def test_a_mesh_axis_nothing_uses_is_refused():
+  mesh = mesh_lib.make_mesh([("data", 4), ("model", 2)], devices=CPU)
+  with pytest.raises(ValueError, match="'model'.*repeat"):
+    mesh_lib.check_axes_used(mesh, [(".*", "replicate")])
+  mesh_lib.check_axes_used(mesh, [("img/.*", "fsdp:model")])          # a rule uses it
+  mesh_lib.check_axes_used(mesh_lib.make_mesh([("data", 8), ("model", 1)], devices=CPU), [])
+  mesh_lib.check_axes_used(mesh_lib.make_mesh([("data", 2), ("fsdp", 4)], devices=CPU), [])
+
+
+def test_loss_bidirectional_reaches_the_ring_from_the_config():
+  import ml_collections
+  from siglip_jax.objectives import contrastive
+  mesh = mesh_lib.make_mesh([("data", 8)], devices=CPU)
+  z = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=mesh_lib.batch_sharding(mesh))
+
+  def hlo(bidirectional):
+    loss = contrastive.loss_fn(ml_collections.ConfigDict(
+        {"kind": "sigmoid_ring", "bidirectional": bidirectional}), mesh)
+    return jax.jit(loss).lower(z, z, 10.0, -10.0).as_text()
+  # One direction sends device 0's block to device 1 only; both directions also to device 7.
+  assert "[0, 7]" not in hlo(False).replace(" ", "").replace("[0,7]", "[0, 7]")
+  assert "[0, 7]" in hlo(True).replace(" ", "").replace("[0,7]", "[0, 7]")

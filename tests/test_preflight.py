@@ -66,7 +66,8 @@ def test_fsdp_shards_params_and_optimizer_state(repo, monkeypatch):
   monkeypatch.chdir(repo)
   tiny = [a for a in TINY_DEMO[1:] if a.startswith("--config.")]
   args = ["--config=configs/demo.py", *tiny, "--devices=8", "--chip=v5e",
-          "--config.mesh=(('data', 2), ('fsdp', 4))", "--config.sharding_rules=(('.*', 'fsdp'),)"]
+          "--config.mesh=(('data', 2), ('fsdp', 4))", "--config.sharding_rules=(('.*', 'fsdp'),)",
+          "--config.fsdp_min_size_mb=0"]
   r = _report(run_module("siglip_jax.preflight", args, devices=1))
   assert r["mesh"] == {"data": 2, "fsdp": 4} and r["chip"] == "v5e"
   # Dimensions divisible by 4 are split 4 ways; t, b and odd shapes stay whole.

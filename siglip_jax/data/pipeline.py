@@ -1,4 +1,7 @@
-"""The Grain loader: global batches of real data, deterministic, per-process, resumable.
+"""The Grain loader: global batches from any source, deterministic, per-process, resumable.
+
+Real data and the embedded demo sets (`shapes.TrainSource`) alike: every training batch comes
+through here, so the demo exercises the loader, preprocessing and sharding that pods run.
 
 The one rule: step s's global batch is a pure function of (seed, s), whatever the process
 count, so a run resumes at the exact example and scales without changing what it trains on.
@@ -7,6 +10,8 @@ count, so a run resumes at the exact example and scales without changing what it
   slot k = e*N + i holds record `perm_e(i)`, a pseudo-random permutation of [0, N) drawn
   afresh each epoch (a Feistel network: O(1) memory at any N, no table to build or agree on).
 - Step s's global batch is slots [s*B, (s+1)*B); a process loads only the rows its devices hold.
+  A source with Grain's batched read (`_getitems`) gets one call for a step's rows; the others
+  are read a record at a time in the decoding threads.
 - A bad record (see `preprocess.REASONS`) in slot k is replaced by `perm_e(j)` for a j drawn from
   (seed, e, i, attempt): deterministic, so every process count picks the same replacement, and
   far from i, so the duplicate rarely lands in the same batch (a repeated pair would be its own
@@ -26,7 +31,7 @@ from concurrent import futures
 import jax
 import numpy as np
 
-from siglip_jax.data import batches as batches_lib
+from siglip_jax import errors
 from siglip_jax.data import preprocess as pp
 from siglip_jax.data import sources
 
@@ -51,6 +56,10 @@ def _hash(*parts):
   return h
 
 
+class NoUsableRecords(errors.UserError, RuntimeError):
+  """The data set is (nearly) all bad: no replacement was found for a slot."""
+
+
 class Permutation:
   """`perm(epoch, i)`: a bijection of [0, n) per (seed, epoch); vectorized over i.
 
@@ -67,6 +76,15 @@ class Permutation:
     bits = max(2, int(self.n - 1).bit_length())
     self.half = (bits + 1) // 2
     self.mask = np.uint64((1 << self.half) - 1)
+    self._keys = {}   # epoch -> round keys: hashing them costs more than permuting a batch
+
+  def _round_keys(self, epoch):
+    keys = self._keys.get(epoch)
+    if keys is None:
+      if len(self._keys) >= 8:   # only the current epoch (and a neighbour) is ever in use
+        self._keys.clear()
+      keys = self._keys[epoch] = [_hash(self.seed, epoch, r) for r in range(self.ROUNDS)]
+    return keys
 
   def _feistel(self, x, keys):
     h = np.uint64(self.half)
@@ -79,7 +97,7 @@ class Permutation:
     i = np.asarray(i, np.int64)
     if self.n == 1:
       return np.zeros_like(i)
-    keys = [_hash(self.seed, epoch, r) for r in range(self.ROUNDS)]
+    keys = self._round_keys(int(epoch))
     x = self._feistel(i.astype(np.uint64), keys)
     out = x >= np.uint64(self.n)
     while np.any(out):
@@ -109,6 +127,16 @@ class StepLoader:
     state["_pool"] = None      # threads do not cross process boundaries; made again lazily
     return state
 
+  def first_records(self, slots):
+    """The record each slot holds before any replacement (`candidates(slot, 0)`, vectorized)."""
+    slots = np.asarray(slots, np.int64)
+    epochs, index = np.divmod(slots, self.n)
+    out = np.empty_like(slots)
+    for epoch in np.unique(epochs):
+      here = epochs == epoch
+      out[here] = self.perm(int(epoch), index[here])
+    return out
+
   def candidates(self, slot, attempt):
     """The record tried for `slot` at `attempt` (0: its own; then far-off replacements)."""
     epoch, i = divmod(int(slot), self.n)
@@ -116,12 +144,16 @@ class StepLoader:
       i = (i + 1 + int(_hash(self.seed, epoch, i, attempt) % np.uint64(self.n - 1))) % self.n
     return int(self.perm(epoch, np.array([i]))[0])
 
-  def example(self, slot, tokenize=True):
-    """(example dict, record index, list of skip reasons) for one slot."""
+  def example(self, slot, tokenize=True, first=None):
+    """(example dict, record index, list of skip reasons) for one slot. `first`: the slot's own
+    (record, raw record) when the caller has read it already."""
     reasons = []
     for attempt in range(min(MAX_ATTEMPTS, 10 * self.n + 10)):
-      record = self.candidates(slot, attempt)
-      raw = self.source[record]
+      if attempt == 0 and first is not None:
+        record, raw = first
+      else:
+        record = self.candidates(slot, attempt)
+        raw = self.source[record]
       try:
         return self.pre(raw, slot, tokenize=tokenize), record, reasons
       except pp.BadRecord as e:
@@ -132,29 +164,60 @@ class StepLoader:
                        "; further bad records are only counted"
                        if self._bad_logged == _LOG_FIRST_BAD else "")
     counts = {r: reasons.count(r) for r in sorted(set(reasons))}
-    raise RuntimeError(f"slot {slot}: {len(reasons)} records in a row were unusable "
-                       f"({counts}); is the data set mostly bad? "
-                       "Run python -m siglip_jax.data.check on it")
+    raise NoUsableRecords(f"the training data has no usable record: {len(reasons)} records in a "
+                          f"row were unusable at slot {slot} ({counts}); run python -m "
+                          "siglip_jax.data.check on it")
+
+  def _examples(self, slots, firsts):
+    return [self.example(s, tokenize=False, first=f) for s, f in zip(slots, firsts)]
 
   def __call__(self, step):
-    slots = int(step) * self.global_batch + self.rows
-    if self.threads > 1 and len(slots) > 1:
+    slots = (int(step) * self.global_batch + self.rows).tolist()
+    read_batch = getattr(self.source, "_getitems", None)
+    pooled = self.threads > 1 and len(slots) > 1
+    if read_batch is not None and slots:
+      records = self.first_records(slots).tolist()
+      firsts = list(zip(records, read_batch(records)))
+      # Pixels already decoded (a rendered set) leave the threads nothing that frees the GIL:
+      # they would only take turns with it (measured: +45% CPU a step for the demo set).
+      pooled = pooled and not all(isinstance(raw.get("image"), np.ndarray) for _, raw in firsts)
+    else:
+      firsts = [None] * len(slots)
+    if pooled:
       if self._pool is None:
         self._pool = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="siglip-data")
-      results = list(self._pool.map(self.example, slots))
+      # A few rows per task: per-row tasks cost more in scheduling than a small image's
+      # preprocessing; 4 tasks a thread still even out rows of uneven decoding cost.
+      parts = np.array_split(np.arange(len(slots)), min(len(slots), 4 * self.threads))
+
+      def run(part):
+        return self._examples([slots[j] for j in part], [firsts[j] for j in part])
+      results = [r for done in self._pool.map(run, parts) for r in done]
     else:
-      results = [self.example(s) for s in slots]
+      results = self._examples(slots, firsts)
     size = self.pre.image_size
     if not results:   # a process with no rows (never with today's meshes): empty arrays
       return {"image": np.zeros((0, size, size, 3), np.uint8),
               "text": np.zeros((0, self.pre.text_len), np.int32),
               "record": np.zeros(0, np.int64), "skipped": np.zeros(0, np.int64),
               "step": int(step)}
-    return {"image": np.stack([ex["image"] for ex, _, _ in results]),
-            "text": np.stack([ex["text"] for ex, _, _ in results]).astype(np.int32),
-            "record": np.array([r for _, r, _ in results], np.int64),
-            "skipped": np.array([len(why) for _, _, why in results], np.int64),
-            "step": int(step)}
+    # One tokenizer call for the batch (the same rows as one call per caption, a tenth the time).
+    text = self.pre.tokenizer.encode([ex["text"] for ex, _, _ in results], self.pre.text_len)
+    out = {"image": np.stack([ex["image"] for ex, _, _ in results]),
+           "text": np.asarray(text, np.int32),
+           "record": np.array([r for _, r, _ in results], np.int64),
+           "skipped": np.array([len(why) for _, _, why in results], np.int64),
+           "step": int(step)}
+    for key in DECODER_KEYS + ("regions", "region_mask", "skipped_regions"):
+      if key in results[0][0]:
+        out[key] = np.stack([np.asarray(ex[key]) for ex, _, _ in results])
+    return out
+
+
+DECODER_KEYS = ("dec_inputs", "dec_targets", "dec_task")   # the LocCa passes (preprocess)
+# What travels to the devices besides the image; the rest (record ids, counts, the padded regions)
+# stays on the host.
+DEVICE_KEYS = ("text",) + DECODER_KEYS
 
 
 def host_batches(loader, start_step=0, *, workers=0, prefetch=2):
@@ -169,8 +232,12 @@ def host_batches(loader, start_step=0, *, workers=0, prefetch=2):
     return _thread_batches(loader, int(start_step), max(1, prefetch))
   # Elements are whole steps: Grain's worker slicing and thread prefetch then cannot change
   # which rows form a batch, only who computes it; `mp_prefetch` yields in dataset order.
+  # One thread computes steps ahead into the buffer: decoding is parallel inside a step (the
+  # loader's `threads`), and a second step at once only made Python work (rendering,
+  # preprocessing) take turns with the GIL (measured: the demo set +30% CPU a step; real data
+  # at 224 px the same pairs/s within noise).
   ds = grain.MapDataset.range(int(start_step), 2**62).map(loader)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                             prefetch_buffer_size=max(1, prefetch)))
   if workers > 0:
     from absl import flags   # pylint: disable=import-outside-toplevel
@@ -184,7 +251,7 @@ def host_batches(loader, start_step=0, *, workers=0, prefetch=2):
 
 
 def _thread_batches(loader, step, prefetch):
-  pool = futures.ThreadPoolExecutor(prefetch, thread_name_prefix="siglip-prefetch")
+  pool = futures.ThreadPoolExecutor(1, thread_name_prefix="siglip-prefetch")   # as Grain's
   pending = collections.deque()
   try:
     while True:
@@ -198,19 +265,30 @@ def _thread_batches(loader, step, prefetch):
     pool.shutdown(wait=False)
 
 
+def local_rows(sharding, global_batch):
+  """Sorted global row indices held by this process's devices."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+    rows.update(range(*index[0].indices(global_batch)))
+  return np.array(sorted(rows), np.int64)
+
+
 class Batches:
-  """The trainer's data iterator (same interface as `batches.IndexedBatches`): yields
-  (step, {"image": float32 [-1, 1], "text": int32} global arrays, seconds waited)."""
+  """The trainer's data iterator: yields (step, {"image": float32 [-1, 1], "text": int32, and
+  the decoder's passes when LocCa is on} global arrays, seconds waited)."""
 
   def __init__(self, source, preprocessor, *, global_batch, sharding, seed, start_step=0,
-               skipped=0, workers=0, threads=4, prefetch=2):
+               skipped=0, skipped_regions=0, workers=0, threads=4, prefetch=2):
     self.global_batch, self.sharding = int(global_batch), sharding
-    self._rows = batches_lib.local_rows(sharding, self.global_batch)
+    self._rows = local_rows(sharding, self.global_batch)
     self._where = {int(r): i for i, r in enumerate(self._rows)}
     self.loader = StepLoader(source, preprocessor, seed=seed, global_batch=global_batch,
                              rows=self._rows, threads=threads)
     self.position = int(start_step)
-    self._skipped_base, self._skipped_local = int(skipped), 0
+    # Running totals: records (all runs so far) and, with a decoder, regions dropped.
+    self._counts = {"skipped": [int(skipped), 0]}
+    if preprocessor.decoder:
+      self._counts["skipped_regions"] = [int(skipped_regions), 0]
     self._it = host_batches(self.loader, start_step, workers=workers, prefetch=prefetch)
     # uint8 travels to the devices; the [-1, 1] floats are made there (4x less host traffic).
     self._normalize = jax.jit(lambda x: x.astype(np.float32) * (2.0 / 255.0) - 1.0,
@@ -234,24 +312,35 @@ class Batches:
     if host["step"] != self.position:   # a guard on Grain's ordering, never expected to fire
       raise RuntimeError(f"data loader out of order: got step {host['step']}, "
                          f"expected {self.position}")
-    self._skipped_local += int(host["skipped"].sum())
-    batch = {"image": self._normalize(self._global(host["image"])),
-             "text": self._global(host["text"])}
+    for key, count in self._counts.items():
+      count[1] += int(host[key].sum())
+    batch = {"image": self._normalize(self._global(host["image"]))}
+    batch.update({k: self._global(host[k]) for k in DEVICE_KEYS if k in host})
     self.position += 1
     return host["step"], batch, wait
 
-  def skipped_total(self):
-    """Records skipped for all batches consumed so far, over all processes (a collective
-    when there are several: call it on every process at the same step)."""
-    local = self._skipped_local
+  def totals(self):
+    """{"skipped": records, "skipped_regions": regions (with a decoder)} dropped for all
+    batches consumed so far, over all processes (a collective when there are several: call it
+    on every process at the same step)."""
+    names = list(self._counts)
+    local = np.array([self._counts[k][1] for k in names], np.int64)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils   # pylint: disable=import-outside-toplevel
-      local = int(np.sum(multihost_utils.process_allgather(np.array(local, np.int64))))
-    return self._skipped_base + local
+      local = np.sum(multihost_utils.process_allgather(local), axis=0)
+    return {k: self._counts[k][0] + int(v) for k, v in zip(names, local)}
+
+  def skipped_total(self):
+    return self.totals()["skipped"]
+
+  def metrics(self):
+    """The running totals as metrics.jsonl names (`data/skipped`, `data/skipped_regions`)."""
+    return {f"data/{k}": v for k, v in self.totals().items()}
 
   def state(self):
-    """What a checkpoint keeps: the next step and the running skip total."""
-    return {"data_position": self.position, "data_skipped": self.skipped_total()}
+    """What a checkpoint keeps: the next step and the running totals."""
+    return {"data_position": self.position,
+            **{f"data_{k}": v for k, v in self.totals().items()}}
 
   def close(self):
     it, self._it = self._it, None
@@ -263,25 +352,14 @@ class Batches:
 
 
 def make_batches(config, sharding, data_state=None):
-  """A `Batches` for a config whose `input.data` is webdataset, folder or tfds."""
+  """A `Batches` over the config's training source (`sources.from_config`), starting at
+  `data_state` ({"data_position": next step, "data_skipped": running skip total}; {}: step 0)."""
   data_state = data_state or {}
   inp = config.input
   return Batches(sources.from_config(config), pp.from_config(config),
                  global_batch=inp.batch_size, sharding=sharding, seed=config.seed,
                  start_step=int(data_state.get("data_position", 0)),
                  skipped=int(data_state.get("data_skipped", 0)),
+                 skipped_regions=int(data_state.get("data_skipped_regions", 0)),
                  workers=inp.get("workers", 0), threads=inp.get("threads", 4),
                  prefetch=inp.get("prefetch", 2))
-
-
-def examples_fn(config):
-  """`examples(slots) -> {"image": float32 [-1, 1], "text": [caption]}`: the same stream as
-  `Batches` for callers that take an index-based source (`batches.IndexedBatches`)."""
-  loader = StepLoader(sources.from_config(config), pp.from_config(config), seed=config.seed,
-                      global_batch=config.input.batch_size, rows=[], threads=1)
-
-  def examples(slots):
-    out = [loader.example(int(s), tokenize=False)[0] for s in np.asarray(slots).reshape(-1)]
-    return {"image": pp.to_float(np.stack([o["image"] for o in out])),
-            "text": [o["text"] for o in out]}
-  return examples

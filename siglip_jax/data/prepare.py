@@ -2,22 +2,29 @@ r"""Turns WebDataset shards or a captioned folder into an ArrayRecord data set.
 
     python -m siglip_jax.data.prepare --src='/data/cc12m/*.tar' --out=/data/cc12m_ar
     python -m siglip_jax.data.prepare --src=/data/my_folder --out=/data/my_folder_ar
+    python -m siglip_jax.data.prepare --tfds_name=ref_coco --text_key= --region_key=objects \
+        --out=/data/ref_coco_ar     # boxes + referring expressions -> regions (LocCa)
 
 Then train with `--config.input.data=folder --config.input.dir=/data/cc12m_ar`. Why: a tar
 source has to index every shard's headers at start-up in every process; an ArrayRecord set is
 indexed when written (files with `group_size:1`, so any record is one read), and bad records
 are dropped here once (`--drop_bad`, the default) instead of being met and skipped in every
 epoch. Writes `OUT/data-NNNNN-of-MMMMM.array_record` and `OUT/meta.json`; prints one JSON
-summary line. Needs the `array_record` package (`pip install array-record`, or the [data]
+summary line. A TFDS set (prepared as ArrayRecord, `tfds build NAME --file_format=array_record`)
+is read with the field mapping of `input.*` (`--image_key`, `--text_key`, `--region_key`, ...);
+records with regions keep them in the form of ../shared/design.md, "Regions and location
+tokens" (boxes x0 y0 x1 y1; a TFDS box is ymin xmin ymax xmax: `--box_order=yxyx`), and bad
+regions are dropped and counted (`skipped_regions`). Needs the `array_record` package (`pip install array-record`, or the [data]
 extra; Grain depends on it on Linux).
 """
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from siglip_jax import cli
 from siglip_jax.data import check, sources
+from siglip_jax.data import regions as regions_lib
 
 def _define_flags():
   # Only when run as a program: other CLIs in the package define flags of the same names.
@@ -27,6 +34,23 @@ def _define_flags():
   flags.DEFINE_integer("records_per_file", 10_000, "Records per ArrayRecord file.")
   flags.DEFINE_bool("drop_bad", True, "Leave out the records training would skip.")
   flags.DEFINE_integer("workers", 0, "Processes for checking records (0: one a core).")
+  flags.DEFINE_string("tfds_name", "", "A TFDS data set to convert instead of --src.")
+  flags.DEFINE_string("tfds_data_dir", "", "Its data_dir (empty: TFDS's default).")
+  flags.DEFINE_string("split", "train", "Its split.")
+  flags.DEFINE_string("image_key", "image", "Its image field ('/' for nesting).")
+  flags.DEFINE_string("text_key", "captions/text", "Its caption field; empty with "
+                      "--region_key: the caption names the regions.")
+  flags.DEFINE_string("region_key", "", "Its objects field ('objects' in ref_coco).")
+  flags.DEFINE_string("region_box_key", "bbox", "An object's box field.")
+  flags.DEFINE_string("region_caption_key", "refexp/raw", "An object's captions field.")
+  flags.DEFINE_enum("box_order", "yxyx", sources.BOX_ORDERS, "The box field's corner order.")
+
+
+def open_tfds(f):
+  return sources.TfdsSource(f.tfds_name, split=f.split, data_dir=f.tfds_data_dir or None,
+                            image_key=f.image_key, text_key=f.text_key,
+                            region_key=f.region_key, region_box_key=f.region_box_key,
+                            region_caption_key=f.region_caption_key, box_order=f.box_order)
 
 
 def open_src(src):
@@ -46,10 +70,11 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
   if drop_bad:
     results = check.scan(source, workers=workers)
   else:
-    results = ((i, "", None) for i in range(len(source)))
+    results = ((i, "", None, None) for i in range(len(source)))
   names, writer, in_file, written, skipped = [], None, 0, 0, {}
+  regions = [0, 0]   # kept, dropped (bad: out of bounds, empty, inverted, blank caption)
   try:
-    for i, _, reason in results:
+    for i, _, reason, _ in results:
       if reason is not None:
         skipped[reason] = skipped.get(reason, 0) + 1
         continue
@@ -61,7 +86,10 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
         writer = array_record_module.ArrayRecordWriter(os.path.join(out, names[-1]),
                                                        "group_size:1")
         in_file = 0
-      writer.write(sources.encode_record(source[i]))
+      rec = source[i]
+      good, bad = regions_lib.parse(rec)
+      regions[0], regions[1] = regions[0] + len(good), regions[1] + bad
+      writer.write(sources.encode_record(rec))
       in_file += 1
       written += 1
   finally:
@@ -72,7 +100,8 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
   for old, new in zip(names, final):
     os.replace(os.path.join(out, old), os.path.join(out, new))
   summary = {"records": written + sum(skipped.values()), "written": written,
-             "skipped": dict(sorted(skipped.items())), "out": os.path.abspath(out)}
+             "skipped": dict(sorted(skipped.items())), "regions": regions[0],
+             "skipped_regions": regions[1], "out": os.path.abspath(out)}
   with open(os.path.join(out, "meta.json"), "w") as f:
     json.dump({"format": sources.ARRAY_RECORD_FORMAT, "files": final, "num_records": written,
                "dropped": summary["skipped"]}, f, indent=1)
@@ -82,17 +111,15 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
 def main(argv):
   del argv
   f = flags.FLAGS
-  if not f.src or not f.out:
-    sys.exit("error: --src and --out are required")
-  try:
-    source = open_src(f.src)
+  if bool(f.src) == bool(f.tfds_name) or not f.out:
+    cli.fail("--out and exactly one of --src, --tfds_name are required")
+  with cli.user_errors(ValueError, OSError):
+    source = open_tfds(f) if f.tfds_name else open_src(f.src)
     summary = prepare(source, f.out, records_per_file=f.records_per_file,
                       drop_bad=f.drop_bad, workers=f.workers)
-  except (ValueError, OSError) as e:
-    sys.exit(f"error: {e}")
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,7 @@ function of the seed and the example's slot in the global stream, so whichever p
 renders a slot renders the same example.
 """
 import io
+import unicodedata
 import warnings
 
 import numpy as np
@@ -21,9 +22,12 @@ from PIL import Image, ImageFile
 
 from siglip_jax.data import tokenizer as tokenizer_lib
 
-# Reasons a record is skipped; `check` and the loader count them under these names.
+# Reasons a record is skipped; `check` and the loader count them under these names. The last
+# group comes from the sources: tar shards (webdataset.py) and folders (sources.FolderSource).
 REASONS = ("missing_image", "undecodable_image", "truncated_image", "image_too_large",
-           "missing_caption", "blank_caption", "bad_metadata", "read_error")
+           "missing_caption", "blank_caption", "caption_too_large", "bad_metadata",
+           "read_error", "duplicate_key", "member_out_of_bounds", "truncated_shard",
+           "outside_folder", "not_a_regular_file")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RESIZE_MODES = ("squash", "crop")
 METHODS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -58,12 +62,18 @@ def caption_list(texts):
   return out
 
 
+def is_blank(text):
+  """Nothing but whitespace and control or format characters (NUL, ESC, zero-width space,
+  BOM...): nothing a tokenizer could learn from."""
+  return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def pick_caption(texts, rng):
   """One non-blank caption, drawn with `rng` when there are several."""
   texts = caption_list(texts)
   if not texts:
     raise BadRecord("missing_caption")
-  usable = [t.strip() for t in texts if t.strip()]
+  usable = [t.strip() for t in texts if not is_blank(t)]
   if not usable:
     raise BadRecord("blank_caption")
   return usable[int(rng.integers(len(usable)))] if len(usable) > 1 else usable[0]
@@ -156,13 +166,19 @@ def _random_box(w, h, rng, scale, ratio):
 class Preprocessor:
   """Callable `(raw record, slot) -> {"image": uint8 [S, S, 3], "text": int32 [L]}`.
 
-  Picklable: the SentencePiece model is loaded lazily in whichever process uses it.
+  With `decoder` (the LocCa objective's text settings: decoder_len, text_vocab, loc_bins,
+  parallel_fraction) the example also holds the decoder's three passes (`decoder_text`) as
+  "dec_inputs", "dec_targets", "dec_task" (int32 [3 * decoder_len]), its regions moved with the
+  pixels ("regions": boxes float32 [max_regions, 4], "region_mask"), and how many regions were
+  dropped ("skipped_regions"). Picklable: the SentencePiece model is loaded lazily in whichever
+  process uses it.
   """
 
   def __init__(self, *, image_size=224, text_len=64, tokenizer=None, lowercase=True,
                strip_punctuation=False, eos="sticky", pad_id=None, resize="squash",
                method="bicubic", random_crop=False, crop_scale=(0.08, 1.0),
-               crop_ratio=(3 / 4, 4 / 3), flip=False, jpeg_draft=True, seed=0):
+               crop_ratio=(3 / 4, 4 / 3), flip=False, jpeg_draft=True, seed=0, decoder=None,
+               max_regions=16):
     if resize not in RESIZE_MODES:
       raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if method not in METHODS:
@@ -176,6 +192,16 @@ class Preprocessor:
     self._tok_args = dict(path=tokenizer or None, lowercase=lowercase,
                           strip_punctuation=strip_punctuation, eos=eos, pad_id=pad_id)
     self._tok = None
+    self.decoder, self.max_regions = (dict(decoder) if decoder else None), int(max_regions)
+    self._decoder_text = None
+
+  @property
+  def decoder_text(self):
+    if self._decoder_text is None and self.decoder:
+      from siglip_jax.data import decoder_text
+      cfg = {k: v for k, v in self.decoder.items() if k != "parallel_fraction"}
+      self._decoder_text = decoder_text.DecoderText(self.tokenizer, **cfg)
+    return self._decoder_text
 
   @property
   def tokenizer(self):
@@ -185,7 +211,7 @@ class Preprocessor:
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_tok"] = None
+    state["_tok"] = state["_decoder_text"] = None
     return state
 
   def check(self, raw):
@@ -198,25 +224,66 @@ class Preprocessor:
     caption = pick_caption(raw.get("texts"), rng)
     return decode_image(raw.get("image"), self.draft), caption
 
-  def pixels(self, img, rng):
-    w, h = img.size
+  def geometry(self, w, h, rng):
+    """(crop box in pixels, flipped) for a w x h image: what `pixels` does, and what moves
+    regions' boxes with the pixels (the draws in the same order)."""
     if self.random_crop:
       box = _random_box(w, h, rng, self.crop_scale, self.crop_ratio)
     else:
       box = _center_box(w, h, self.resize)
+    return box, bool(self.flip and rng.random() < 0.5)
+
+  def pixels(self, img, rng, geometry=None):
+    box, flipped = geometry or self.geometry(*img.size, rng)
     size = (self.image_size, self.image_size)
     # `box` crops and resizes in one resample: no intermediate full-size copy.
     out = np.asarray(img.resize(size, METHODS[self.method], box=box), np.uint8)
-    if self.flip and rng.random() < 0.5:
+    if flipped:
       out = out[:, ::-1]
     return np.ascontiguousarray(out)
 
+  def _as_is(self, raw):
+    """Pixels already at the training size (a rendered set) and nothing random to apply:
+    resizing to the same size would be the identity."""
+    data = raw.get("image")
+    return (not self.random_crop and not self.flip and isinstance(data, np.ndarray)
+            and data.dtype == np.uint8 and data.shape == (self.image_size, self.image_size, 3)
+            and not raw.get("error"))
+
   def __call__(self, raw, slot, tokenize=True):
-    rng = rng_for(self.seed, slot)
-    img, caption = self._parts(raw, rng)
-    image = self.pixels(img, rng)
+    geometry = None
+    if self._as_is(raw):
+      texts = raw.get("texts")
+      rng = None if isinstance(texts, str) and not self.decoder else rng_for(self.seed, slot)
+      image, caption = raw["image"], pick_caption(texts, rng)
+    else:
+      rng = rng_for(self.seed, slot)
+      img, caption = self._parts(raw, rng)
+      geometry = self.geometry(*img.size, rng) + img.size
+      image = self.pixels(img, rng, geometry[:2])
     text = self.tokenizer.encode([caption], self.text_len)[0] if tokenize else caption
-    return {"image": image, "text": text}
+    example = {"image": image, "text": text}
+    if self.decoder:
+      example.update(self._decoder_fields(raw, caption, geometry, rng))
+    return example
+
+  def _decoder_fields(self, raw, caption, geometry, rng):
+    """The LocCa passes and the regions (see the class docstring)."""
+    from siglip_jax.data import regions as regions_lib
+    found, bad = regions_lib.parse(raw)
+    if geometry is not None:
+      crop, flipped, w, h = geometry
+      found, cut = regions_lib.move(found, crop, w, h, flipped)
+      bad += cut
+    bad += max(len(found) - self.max_regions, 0)
+    found = found[:self.max_regions]
+    refexp, grounded = regions_lib.pick(found, rng)
+    parallel = bool(rng.random() < self.decoder.get("parallel_fraction", 0.0))
+    inputs, targets, task = self.decoder_text.passes(caption, refexp, grounded, parallel)
+    boxes, mask = regions_lib.padded(found, self.max_regions)
+    return {"dec_inputs": inputs.reshape(-1), "dec_targets": targets.reshape(-1),
+            "dec_task": task.reshape(-1), "regions": boxes, "region_mask": mask,
+            "skipped_regions": bad}
 
 
 def to_float(images):
@@ -228,11 +295,23 @@ def from_config(config):
   """A Preprocessor from a training config's `input` block (missing keys take defaults)."""
   inp = config.input
   get = inp.get
-  pad_id = get("pad_id", -1)
   return Preprocessor(
       image_size=inp.image_size, text_len=inp.text_len, tokenizer=get("tokenizer", "") or None,
-      lowercase=get("lowercase", True), strip_punctuation=get("strip_punctuation", False),
-      eos=get("eos", "sticky"), pad_id=None if pad_id is None or pad_id < 0 else pad_id,
-      resize=get("resize", "squash"), method=get("resize_method", "bicubic"),
-      random_crop=get("random_crop", False), crop_scale=tuple(get("crop_scale", (0.08, 1.0))),
-      flip=get("flip", False), jpeg_draft=get("jpeg_draft", True), seed=config.seed)
+      **tokenizer_lib.options_from_input(inp), resize=get("resize", "squash"),
+      method=get("resize_method", "bicubic"), random_crop=get("random_crop", False),
+      crop_scale=tuple(get("crop_scale", (0.08, 1.0))),
+      flip=get("flip", False), jpeg_draft=get("jpeg_draft", True), seed=config.seed,
+      decoder=decoder_settings(config), max_regions=get("max_regions", 16))
+
+
+def decoder_settings(config):
+  """The LocCa decoder's text settings when `objectives.locca` is on, else None."""
+  objectives = config.get("objectives")
+  if not objectives or float(objectives.locca.weight) <= 0:
+    return None
+  from siglip_jax.data import tokenizer as tok
+  text_vocab = config.model.text.get("vocab_size") or tok.Tokenizer(
+      config.input.get("tokenizer", "") or None).vocab_size
+  return dict(decoder_len=config.input.decoder_len, text_vocab=int(text_vocab),
+              loc_bins=config.input.loc_bins,
+              parallel_fraction=float(objectives.locca.parallel_fraction))

@@ -8,10 +8,16 @@ examples come from different streams, so held-out images are never training imag
 Eight colour-shape pairs (`UNSEEN_PAIRS`) never occur in training, neither as images nor in
 captions; every colour and every shape still occurs with seven other partners, so a model that
 learns colour and shape separately can name the unseen pairs (compositional zero-shot).
+
+Images are uint8 pixels, like any decoded image: training reads them through the same loader,
+preprocessing and sharding as real data (`TrainSource`, a random-access source of raw records
+for `pipeline.Batches`), and the evaluation splits are the same pixels as floats in [-1, 1].
 """
 import re
 
 import numpy as np
+
+from siglip_jax.data.preprocess import to_float
 
 # Colours far apart in RGB, so that the jitter below never makes two of them meet.
 COLOR_RGB = {
@@ -59,7 +65,7 @@ _TRAIN, _HELDOUT, _UNSEEN = 0, 1, 2
 _SPLIT_STREAMS = {"heldout": _HELDOUT, "unseen": _UNSEEN}
 _SIZE_RANGE = (0.25, 0.42)  # shape radius as a fraction of the image side (>= 8 px at 32 px)
 # Shapes that turn into another class (or an "x") when rotated far get a small rotation only.
-_ROT_LIMIT_DEG = {"square": 15.0, "diamond": 15.0, "cross": 15.0, "heart": 20.0}
+ROT_LIMIT_DEG = {"square": 15.0, "diamond": 15.0, "cross": 15.0, "heart": 20.0}
 _NUM_UNIFORMS = 17
 
 
@@ -135,7 +141,7 @@ class ShapesDataset:
   """Colour-shape images with captions; see the module docstring.
 
   Class `k` is colour `k // len(shapes)` and shape `k % len(shapes)`; `class_names[k]` is e.g.
-  "red circle". Images are float32 [N, H, W, 3] in [-1, 1].
+  "red circle". Training images are uint8 [N, H, W, 3]; evaluation images float32 in [-1, 1].
   """
 
   def __init__(self, *, seed=0, image_size=32, num_heldout=512, num_unseen=512):
@@ -149,9 +155,8 @@ class ShapesDataset:
     self.unseen_class_ids = np.array(sorted(unseen), np.int32)
     self.seen_class_ids = np.array(
         [k for k in range(len(self.class_names)) if k not in unseen], np.int32)
-    self._rgb = np.array([COLOR_RGB[c] for c in self.colors], np.float32)
     self._rot_limit = np.radians(
-        [_ROT_LIMIT_DEG.get(s, 180.0) for s in self.shapes]).astype(np.float32)
+        [ROT_LIMIT_DEG.get(s, 180.0) for s in self.shapes]).astype(np.float32)
     self._eval_cache = {}
 
   @property
@@ -159,14 +164,16 @@ class ShapesDataset:
     return len(self.class_names)
 
   def train_examples(self, indices):
-    """Renders training examples `indices` (any ints >= 0); labels are seen classes only."""
+    """Renders training examples `indices` (any ints >= 0): uint8 images, captions, labels (seen
+    classes only)."""
     return self._examples(_TRAIN, np.asarray(indices, np.int64).reshape(-1), labels=None)
 
   def eval_split(self, name):
     """The fixed "heldout" (seen classes) or "unseen" (UNSEEN_PAIRS classes) split.
 
     Labels cycle through the split's classes, so every class gets (nearly) the same count.
-    Arrays are cached and read-only.
+    Images are float32 in [-1, 1]: the uint8 pixels as the loader maps them (`to_float`), so the
+    evaluators see what training sees. Arrays are cached and read-only.
     """
     if name not in _SPLIT_STREAMS:
       raise ValueError(f"unknown eval split {name!r}; expected one of {sorted(_SPLIT_STREAMS)}")
@@ -174,6 +181,7 @@ class ShapesDataset:
       n, ids = ((self.num_heldout, self.seen_class_ids) if name == "heldout"
                 else (self.num_unseen, self.unseen_class_ids))
       out = self._examples(_SPLIT_STREAMS[name], np.arange(n), labels=ids[np.arange(n) % len(ids)])
+      out["image"] = to_float(out["image"])
       for v in out.values():
         if isinstance(v, np.ndarray):
           v.setflags(write=False)
@@ -209,7 +217,7 @@ class ShapesDataset:
 
   def _render(self, labels, u, noise):
     """Vectorized over the batch; `u` holds each example's uniform draws (column = role)."""
-    n, size = len(labels), self.image_size
+    size = self.image_size
     ns = len(self.shapes)
     color_id, shape_id = labels // ns, labels % ns
     lo, hi = _SIZE_RANGE
@@ -220,29 +228,103 @@ class ShapesDataset:
     cy = r_px + (size - 2 * r_px) * u[:, 3]
     theta = (2 * u[:, 4] - 1) * self._rot_limit[shape_id]
 
-    grid = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
-    e = (slice(None), None, None)
-    dx = grid[None, None, :] - cx[e]
-    dy = cy[e] - grid[None, :, None]  # y up, so "up" in a shape means up in the image
-    cos, sin = np.cos(theta)[e], np.sin(theta)[e]
-    su = (dx * cos + dy * sin) / r_px[e]
-    sv = (dy * cos - dx * sin) / r_px[e]
-    sdf = np.empty((n, size, size), np.float32)
-    for k, name in enumerate(self.shapes):
-      m = shape_id == k
-      if m.any():
-        sdf[m] = _SDF[name](su[m], sv[m])
-    # One-pixel linear ramp across the boundary: cheap anti-aliasing.
-    alpha = np.clip(0.5 - sdf * r_px[e], 0.0, 1.0)[..., None]
+    alpha = object_alpha(shape_id, cx, cy, r_px, theta, size)
+    fg = object_rgb(color_id, np.concatenate([u[:, 8:9], u[:, 5:8]], axis=1))
+    bg, sigma = background(u[:, 9:16], size)
+    # bg + alpha * (fg - bg) + sigma * noise, channels first and in place: the loader renders
+    # every training batch, and numpy's loops over a last axis of 3 were half the render time.
+    # (Each pixel goes through the same float32 operations as channels last: the same values.)
+    c = (slice(None), slice(None), None, None)
+    img = fg[c] - bg
+    img *= alpha[:, None]
+    img += bg
+    noise = noise.transpose(0, 3, 1, 2)
+    noise *= sigma
+    img += noise
+    return quantize(img, out=img).transpose(0, 2, 3, 1).copy(), size_bin
 
-    # Colour jitter (+-0.06 per channel, brightness 0.85..1.05) keeps the eight colours apart.
-    fg = self._rgb[color_id] * (0.85 + 0.2 * u[:, 8:9]) + 0.12 * (u[:, 5:8] - 0.5)
-    # Background: dark-to-mid grey, faint tint, a linear gradient in a random direction.
-    base = 0.05 + 0.40 * u[:, 9:10] + 0.08 * (u[:, 10:13] - 0.5)
-    phi = 2 * np.pi * u[:, 13]
-    ramp = ((grid[None, None, :] / size - 0.5) * np.cos(phi)[e]
-            + (grid[None, :, None] / size - 0.5) * np.sin(phi)[e])
-    bg = base[:, None, None, :] + (0.3 * u[:, 14])[e][..., None] * ramp[..., None]
-    sigma = (0.02 + 0.08 * u[:, 15])[e][..., None]
-    img = bg + alpha * (fg[:, None, None, :] - bg) + sigma * noise
-    return (np.clip(img, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32), size_bin
+
+_RGB = np.array([COLOR_RGB[c] for c in COLORS], np.float32)
+_E = (slice(None), None, None)
+
+
+def _grid(size):
+  return np.arange(size, dtype=np.float32) + 0.5  # pixel centres
+
+
+def object_alpha(shape_id, cx, cy, r_px, theta, size):
+  """Coverage [n, S, S] in [0, 1] of shapes `shape_id` (indices into SHAPES) of radius `r_px`
+  centred at (cx, cy) pixels (y down), turned by `theta` radians; vectorized over n."""
+  grid = _grid(size)
+  e = _E
+  dx = grid[None, None, :] - cx[e]
+  dy = cy[e] - grid[None, :, None]  # y up, so "up" in a shape means up in the image
+  cos, sin = np.cos(theta)[e], np.sin(theta)[e]
+  su = (dx * cos + dy * sin) / r_px[e]
+  sv = (dy * cos - dx * sin) / r_px[e]
+  sdf = np.empty((len(shape_id), size, size), np.float32)
+  for k, name in enumerate(SHAPES):
+    m = shape_id == k
+    if m.any():
+      sdf[m] = _SDF[name](su[m], sv[m])
+  # One-pixel linear ramp across the boundary: cheap anti-aliasing.
+  return np.clip(0.5 - sdf * r_px[e], 0.0, 1.0)
+
+
+def object_rgb(color_id, u):
+  """[n, 3] colours of `color_id` (indices into COLORS), jittered by the uniforms u [n, 4]
+  (brightness 0.85..1.05, then +-0.06 a channel): the eight colours stay apart."""
+  return _RGB[color_id] * (0.85 + 0.2 * u[:, 0:1]) + 0.12 * (u[:, 1:4] - 0.5)
+
+
+def background(u, size):
+  """Backgrounds [n, 3, S, S] (channels first) and noise scales [n, 1, 1, 1] from uniforms
+  u [n, 7]: dark-to-mid grey, a faint tint, a linear gradient in a random direction."""
+  grid = _grid(size)
+  e = _E
+  base = 0.05 + 0.40 * u[:, 0:1] + 0.08 * (u[:, 1:4] - 0.5)
+  phi = 2 * np.pi * u[:, 4]
+  ramp = ((grid[None, None, :] / size - 0.5) * np.cos(phi)[e]
+          + (grid[None, :, None] / size - 0.5) * np.sin(phi)[e])
+  sigma = (0.02 + 0.08 * u[:, 6])[:, None, None, None]
+  c = (slice(None), slice(None), None, None)
+  return base[c] + ((0.3 * u[:, 5])[e] * ramp)[:, None], sigma
+
+
+def quantize(intensity, out=None):
+  """Intensities (float, 1 = full) -> uint8 pixels, rounded to the nearest of the 256 levels.
+  `out`: a float array to work in (may be `intensity` itself)."""
+  x = np.clip(intensity, 0.0, 1.0, out=out)
+  x *= 255.0
+  return np.rint(x, out=x).astype(np.uint8)
+
+
+class TrainSource:
+  """The training stream as a random-access source of raw records (see `sources.py`): record `i`
+  is training example `i`, `{"image": uint8 [S, S, 3], "texts": caption, "key": "shapes:i"}`.
+  Held-out and unseen examples come from other streams, so they are never records here.
+
+  The stream has no end, but the loader permutes records within epochs of `len(source)`. Any
+  two indices are independent draws, so the permutation adds nothing and costs nothing; the
+  epoch only has to be longer than any run, so that no example repeats (as in the endless
+  stream): 2**32 examples are 33 million steps at the demo's batch of 128, while the
+  permutation's Feistel network stays at 16-bit halves.
+  """
+
+  EPOCH = 2**32
+
+  def __init__(self, *, seed=0, image_size=32):
+    self.dataset = ShapesDataset(seed=seed, image_size=image_size, num_heldout=0, num_unseen=0)
+
+  def __len__(self):
+    return self.EPOCH
+
+  def __getitem__(self, i):
+    return self._getitems([i])[0]
+
+  def _getitems(self, indices):
+    """Grain's batched read: one vectorized render for all of `indices` (about twice as fast
+    as rendering them one at a time)."""
+    ex = self.dataset.train_examples(indices)
+    return [{"image": image, "texts": text, "key": f"shapes:{int(i)}"}
+            for i, image, text in zip(indices, ex["image"], ex["text"])]

@@ -4,134 +4,34 @@ A raw record is `{"image": encoded bytes | uint8 array | None, "texts": caption(
 "key": str}`, plus `"error": reason` when the source already knows it is unusable; decoding and
 the usability checks live in `preprocess.py`, so a source only moves bytes.
 
-- `WebDatasetSource(glob)`: tar shards as img2dataset writes them (`key.jpg|jpeg|png|webp`,
-  `key.txt`, optional `key.json`). Random access without extracting: an index of each member's
-  byte offset is built from the tar headers once, then `os.pread` reads a member directly.
-- `FolderSource(dir)`: images under `dir` listed in `dir/captions.jsonl`.
+- `WebDatasetSource(patterns)`: tar shards as img2dataset writes them (`webdataset.py`; the
+  patterns, brace ranges included, in `shard_patterns.py`).
+- `FolderSource(dir)`: images under `dir` listed in `dir/captions.jsonl`; only regular files
+  inside `dir` are read, up to `max_image_bytes`.
 - `ArrayRecordSource(dir)`: what `python -m siglip_jax.data.prepare` writes.
 - `TfdsSource(name, ...)`: any TFDS image-text set prepared as ArrayRecord, via
   `tfds.data_source`, with a field mapping (`coco_captions`: "image", "captions/text").
 - `Mixture(sources, weights)`: a weighted, deterministic interleave of the above.
+- `shapes.TrainSource`: the embedded demo set, rendered on the fly; `from_config` builds each
+  kind through `SOURCE_KINDS`, so the demo sets are read like real data.
 
 Sources are picklable (Grain's worker processes get a copy): file handles are opened lazily
 per process. Record order is a pure function of the file list (sorted), so every process sees
 the same numbering.
 """
-import glob as glob_lib
 import json
 import os
+import stat
 import struct
-import tarfile
 
 import numpy as np
 
-from siglip_jax.data.preprocess import IMAGE_EXTS
+# The WebDataset source and shard patterns live in their own modules; these names stay here.
+from siglip_jax.data.shard_patterns import expand  # noqa: F401  pylint: disable=unused-import
+from siglip_jax.data.webdataset import (MAX_IMAGE_BYTES, WebDatasetSource,  # noqa: F401
+                                        split_member)
 
 ARRAY_RECORD_FORMAT = "siglip_jax.array_record.v1"
-
-
-def expand(patterns):
-  """'a/*.tar,b/{0..9}.tar'-style: comma-separated globs -> sorted unique paths."""
-  if isinstance(patterns, str):
-    patterns = [p for p in patterns.split(",") if p.strip()]
-  paths = set()
-  for pattern in patterns:
-    pattern = os.path.expanduser(pattern.strip())
-    found = glob_lib.glob(pattern)
-    if not found and os.path.exists(pattern):
-      found = [pattern]
-    paths.update(os.path.abspath(p) for p in found if os.path.isfile(p))
-  return sorted(paths)
-
-
-def split_member(name):
-  """WebDataset's convention: the key is the path up to the first '.' of the file name."""
-  head, base = os.path.split(name)
-  stem, dot, ext = base.partition(".")
-  return (os.path.join(head, stem) if head else stem), ext.lower() if dot else ""
-
-
-class _Files:
-  """Per-process cache of read-only file descriptors (never pickled, never shared across a
-  fork: a descriptor's offset is not used since reads go through pread)."""
-
-  def __init__(self, paths):
-    self.paths = list(paths)
-    self._pid, self._fds = None, {}
-
-  def __getstate__(self):
-    return {"paths": self.paths}
-
-  def __setstate__(self, state):
-    self.__init__(state["paths"])
-
-  def pread(self, file_id, offset, size):
-    if self._pid != os.getpid():
-      self._pid, self._fds = os.getpid(), {}
-    fd = self._fds.get(file_id)
-    if fd is None:
-      fd = self._fds[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-      raise OSError(f"{self.paths[file_id]}: short read at {offset} ({len(data)} of {size} bytes)")
-    return data
-
-
-class WebDatasetSource:
-  """Records of WebDataset tar shards; one record per key, in shard then member order."""
-
-  # Columns of the index: shard, then (offset, size) of image, txt and json (-1: absent).
-  _COLS = ("shard", "img_off", "img_size", "txt_off", "txt_size", "json_off", "json_size")
-
-  def __init__(self, patterns):
-    self.shards = expand(patterns)
-    if not self.shards:
-      raise FileNotFoundError(f"no WebDataset shards match {patterns!r}")
-    rows = []
-    for shard_id, path in enumerate(self.shards):
-      rows.extend(self._index_shard(shard_id, path))
-    self._index = np.array(rows, np.int64).reshape(-1, len(self._COLS))
-    self._files = _Files(self.shards)
-
-  @staticmethod
-  def _index_shard(shard_id, path):
-    """Reads only the tar headers (tarfile seeks over member data)."""
-    members = {}   # key -> {ext: (offset, size)}, in order of first appearance
-    try:
-      with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-          if not info.isfile():
-            continue
-          key, ext = split_member(info.name)
-          members.setdefault(key, {})[ext] = (info.offset_data, info.size)
-    except (tarfile.TarError, OSError) as e:
-      # A damaged shard keeps the records indexed before the damage; say so, never crash.
-      import logging
-      logging.getLogger(__name__).warning("%s: tar index stops early (%s); %d keys kept",
-                                          path, e, len(members))
-    rows = []
-    for parts in members.values():
-      img = next((parts[e] for e in IMAGE_EXTS if e in parts), (-1, -1))
-      rows.append((shard_id, *img, *parts.get("txt", (-1, -1)), *parts.get("json", (-1, -1))))
-    return rows
-
-  def __len__(self):
-    return len(self._index)
-
-  def key(self, i):
-    return f"{os.path.basename(self.shards[self._index[i, 0]])}#{i}"
-
-  def __getitem__(self, i):
-    shard, img_off, img_size, txt_off, txt_size, _, _ = (int(v) for v in self._index[i])
-    rec = {"key": self.key(i), "image": None, "texts": None}
-    try:
-      if img_off >= 0:
-        rec["image"] = self._files.pread(shard, img_off, img_size)
-      if txt_off >= 0:
-        rec["texts"] = self._files.pread(shard, txt_off, txt_size)
-    except OSError as e:
-      rec["error"], rec["detail"] = "read_error", str(e)
-    return rec
 
 
 _IMAGE_FIELDS = ("image", "file", "file_name", "filename", "path")
@@ -140,10 +40,17 @@ _TEXT_FIELDS = ("captions", "texts", "caption", "text")
 
 class FolderSource:
   """`dir/captions.jsonl`, one JSON object a line: {"image": "rel/path.jpg", "caption": "..."}
-  (or "captions": [...]; "file"/"file_name" and "text"/"texts" also accepted)."""
+  (or "captions": [...]; "file"/"file_name" and "text"/"texts" also accepted).
 
-  def __init__(self, directory, captions_file="captions.jsonl"):
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+  captions.jsonl is untrusted: a row may name `/dev/zero`, a FIFO, `../../etc/shadow` or a
+  symlink out of the folder. Only a relative name that resolves (symlinks followed) to a
+  regular file inside `dir` is read, at most `max_image_bytes` of it; the rest are skipped as
+  `outside_folder`, `not_a_regular_file`, `image_too_large` (or `missing_image`).
+  """
+
+  def __init__(self, directory, captions_file="captions.jsonl", max_image_bytes=MAX_IMAGE_BYTES):
+    self.directory = os.path.realpath(os.path.expanduser(directory))
+    self.max_image_bytes = int(max_image_bytes)
     path = os.path.join(self.directory, captions_file)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} not found: a folder source needs a {captions_file}")
@@ -162,29 +69,74 @@ class FolderSource:
       meta = json.loads(self._rows[i])
       name = next((meta[k] for k in _IMAGE_FIELDS if meta.get(k)), None)
       rec["texts"] = next((meta[k] for k in _TEXT_FIELDS if k in meta), None)
+      if "regions" in meta:   # checked (and bad ones counted) by data/regions.py
+        rec["regions"] = meta["regions"]
     except (ValueError, TypeError, AttributeError):
       rec["error"] = "bad_metadata"
       return rec
-    if name is not None:
-      rec["key"] = str(name)
-      try:
-        with open(os.path.join(self.directory, str(name)), "rb") as f:
-          rec["image"] = f.read()
-      except FileNotFoundError:
-        rec["error"] = "missing_image"
-      except OSError:
-        rec["error"] = "read_error"
+    if name is None:
+      return rec
+    if not isinstance(name, str) or "\0" in name:
+      rec["error"] = "bad_metadata"
+      return rec
+    rec["key"] = name
+    try:
+      rec["image"] = self._read(name)
+    except _Skip as e:
+      rec["error"], rec["detail"] = e.reason, e.detail
+    except FileNotFoundError:
+      rec["error"] = "missing_image"
+    except OSError as e:
+      rec["error"], rec["detail"] = "read_error", str(e)
     return rec
+
+  def _read(self, name):
+    if os.path.isabs(name):
+      raise _Skip("outside_folder", "an absolute path")
+    path = os.path.realpath(os.path.join(self.directory, name))
+    if os.path.commonpath([path, self.directory]) != self.directory:
+      raise _Skip("outside_folder", f"resolves to {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):   # before open: opening a FIFO would block
+      raise _Skip("not_a_regular_file")
+    # O_NONBLOCK: should a FIFO take the file's place after the stat, open still returns;
+    # O_NOFOLLOW: nor may a symlink. fstat then judges what was actually opened.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+      st = os.fstat(fd)
+      if not stat.S_ISREG(st.st_mode):
+        raise _Skip("not_a_regular_file")
+      if st.st_size > self.max_image_bytes:
+        raise _Skip("image_too_large", f"{st.st_size} bytes")
+      chunks, left = [], st.st_size
+      while left > 0:   # a file growing after fstat is read no further than its size then
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+          break
+        chunks.append(chunk)
+        left -= len(chunk)
+      return b"".join(chunks)
+    finally:
+      os.close(fd)
+
+
+class _Skip(Exception):
+  def __init__(self, reason, detail=""):
+    super().__init__(reason)
+    self.reason, self.detail = reason, detail
 
 
 # ------------------------------------------------------------------------ ArrayRecord (prepared)
 
 def encode_record(rec):
-  """A raw record -> bytes: 4-byte length, JSON header (key, texts), then the image bytes."""
+  """A raw record -> bytes: 4-byte length, JSON header (key, texts, its valid regions if it
+  carries any: `prepare` counts the bad ones), then the image bytes."""
   texts = rec.get("texts")
+  from siglip_jax.data import regions as regions_lib
   from siglip_jax.data.preprocess import caption_list
-  header = json.dumps({"key": rec.get("key", ""),
-                       "texts": None if texts is None else caption_list(texts)}).encode()
+  head = {"key": rec.get("key", ""), "texts": None if texts is None else caption_list(texts)}
+  if regions_lib.raw_regions(rec) is not None:
+    head["regions"] = regions_lib.parse(rec)[0]
+  header = json.dumps(head).encode()
   return struct.pack("<I", len(header)) + header + bytes(rec.get("image") or b"")
 
 
@@ -192,7 +144,10 @@ def decode_record(data):
   (n,) = struct.unpack_from("<I", data)
   header = json.loads(bytes(data[4:4 + n]))
   image = bytes(data[4 + n:])
-  return {"key": header.get("key", ""), "texts": header.get("texts"), "image": image or None}
+  rec = {"key": header.get("key", ""), "texts": header.get("texts"), "image": image or None}
+  if "regions" in header:
+    rec["regions"] = header["regions"]
+  return rec
 
 
 class ArrayRecordSource:
@@ -236,10 +191,19 @@ class TfdsSource:
   `image_key` / `text_key` name the fields ("/" for nesting): coco_captions has "image" and
   "captions/text". The image field is read undecoded (encoded bytes) so that decoding and
   resizing happen once, here, and bad images are skipped like any other source's.
+
+  Regions (the LocCa decoder's): `region_key` names a sequence of objects ("objects" in
+  ref_coco), each with a box (`region_box_key`, in `box_order`: TFDS's BBoxFeature is "yxyx",
+  ymin xmin ymax xmax) and one or more captions (`region_caption_key`, "refexp/raw"): each
+  caption of an object is one region. With `text_key` empty, the image caption names the objects
+  (the first caption of each, joined by ", "): ref_coco has no image captions.
   """
 
   def __init__(self, name, *, split="train", data_dir=None, image_key="image",
-               text_key="captions/text"):
+               text_key="captions/text", region_key="", region_box_key="bbox",
+               region_caption_key="refexp/raw", box_order="yxyx"):
+    if box_order not in BOX_ORDERS:
+      raise ValueError(f"box order {box_order!r}: one of {', '.join(BOX_ORDERS)}")
     import tensorflow_datasets as tfds   # optional dependency: only this source needs it
     decoders = tfds.decode.SkipDecoding()
     for part in reversed(image_key.split("/")):
@@ -253,14 +217,50 @@ class TfdsSource:
           f"a random-access source: {e}. Prepare it with ArrayRecord files, e.g. "
           f"`tfds build {name} --file_format=array_record`") from e
     self.name, self.image_key, self.text_key = name, image_key, text_key
+    self.region_key, self.region_box_key = region_key, region_box_key
+    self.region_caption_key, self.box_order = region_caption_key, box_order
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, i):
     ex = self._source[int(i)]
-    return {"key": f"{self.name}[{i}]", "image": _get_path(ex, self.image_key),
-            "texts": _get_path(ex, self.text_key)}
+    rec = {"key": f"{self.name}[{i}]", "image": _get_path(ex, self.image_key),
+           "texts": _get_path(ex, self.text_key) if self.text_key else None}
+    if self.region_key:
+      rec["regions"] = tfds_regions(_get_path(ex, self.region_key), self.region_box_key,
+                                    self.region_caption_key, self.box_order)
+      if not self.text_key:
+        firsts = [r["caption"] for r in rec["regions"] if r["first"]]
+        rec["texts"] = ", ".join(firsts) if firsts else None
+    return rec
+
+
+BOX_ORDERS = ("yxyx", "xyxy")
+
+
+def _text(value):
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def tfds_regions(objects, box_key, caption_key, box_order):
+  """TFDS objects (a dict of per-object arrays, as `tfds.data_source` returns a Sequence of
+  dicts) -> regions {"box": [x0, y0, x1, y1], "caption", "first"}; "first" marks an object's
+  first caption. Boxes are not checked here: data/regions.py drops and counts bad ones."""
+  if objects is None:
+    return []
+  boxes = _get_path(objects, box_key)
+  captions = _get_path(objects, caption_key)
+  if boxes is None or captions is None:
+    return []
+  out = []
+  for box, texts in zip(np.asarray(boxes, np.float64).reshape(-1, 4), captions):
+    a, b, c, d = (float(v) for v in box)
+    xyxy = [b, a, d, c] if box_order == "yxyx" else [a, b, c, d]
+    texts = [texts] if isinstance(texts, (bytes, str)) else list(texts)
+    for k, text in enumerate(texts):
+      out.append({"box": xyxy, "caption": _text(text), "first": k == 0})
+  return out
 
 
 # ------------------------------------------------------------------------------------ mixture
@@ -318,18 +318,69 @@ class Mixture:
 
 # ------------------------------------------------------------------------------- from config
 
-def _one(kind, spec):
-  if kind == "webdataset":
-    return WebDatasetSource(spec["shards"])
-  if kind == "folder":
-    d = spec["dir"]
-    return ArrayRecordSource(d) if is_prepared(d) else FolderSource(d)
-  if kind == "tfds":
-    return TfdsSource(spec["tfds_name"], split=spec.get("split", "train"),
-                      data_dir=spec.get("tfds_data_dir", "") or None,
-                      image_key=spec.get("image_key", "image"),
-                      text_key=spec.get("text_key", "captions/text"))
-  raise ValueError(f"unknown data kind {kind!r}")
+def _webdataset(spec, config):
+  return WebDatasetSource(spec["shards"], max_image_bytes=_max_image_bytes(config))
+
+
+def _folder(spec, config):
+  d = spec["dir"]
+  return ArrayRecordSource(d) if is_prepared(d) else FolderSource(
+      d, max_image_bytes=_max_image_bytes(config))
+
+
+def _tfds(spec, config):
+  del config
+  return TfdsSource(spec["tfds_name"], split=spec.get("split", "train"),
+                    data_dir=spec.get("tfds_data_dir", "") or None,
+                    image_key=spec.get("image_key", "image"),
+                    text_key=spec.get("text_key", "captions/text"),
+                    **{k: spec[k] for k in TFDS_REGION_KEYS if k in spec})
+
+
+def _shapes(spec, config):
+  del spec
+  from siglip_jax.data import shapes   # pylint: disable=import-outside-toplevel
+  # Rendered at the training size, so preprocessing leaves the pixels as they are.
+  return shapes.TrainSource(seed=config.seed, image_size=config.input.image_size)
+
+
+def _scenes(spec, config):
+  del spec
+  from siglip_jax.data import scenes   # pylint: disable=import-outside-toplevel
+  return scenes.TrainSource(seed=config.seed, image_size=config.input.image_size)
+
+
+def _max_image_bytes(config):
+  # Bytes read for one image at most (tar members and folder files); larger ones are skipped.
+  return config.input.get("max_image_bytes", MAX_IMAGE_BYTES)
+
+
+# `input.data` kind -> (builder(spec, config) of its source, the spec key it cannot do without
+# and its placeholder). The embedded demo sets are sources like any other: a new one (the
+# scenes set, varied-aspect shapes for NaFlex) is one more entry here.
+SOURCE_KINDS = {
+    "webdataset": (_webdataset, "shards", "GLOB"),
+    "folder": (_folder, "dir", "DIR"),
+    "tfds": (_tfds, "tfds_name", "NAME"),
+    "shapes": (_shapes, None, None),
+    "scenes": (_scenes, None, None),
+}
+TFDS_REGION_KEYS = ("region_key", "region_box_key", "region_caption_key", "box_order")
+_SPEC_KEYS = ("shards", "dir", "tfds_name", "split", "tfds_data_dir", "image_key",
+              "text_key") + TFDS_REGION_KEYS
+
+
+def _one(kind, spec, config, where):
+  if kind not in SOURCE_KINDS:
+    raise ValueError(f"unknown data kind {kind!r} in {where}; training reads one of "
+                     f"{', '.join(SOURCE_KINDS)}")
+  build, needs, placeholder = SOURCE_KINDS[kind]
+  if needs and not spec.get(needs):
+    if where == "input":
+      raise ValueError(f"config key `input.{needs}` is empty: give "
+                       f"--config.input.{needs}={placeholder}")
+    raise ValueError(f"{where} ({kind}) has no `{needs}`")
+  return build(spec, config)
 
 
 def from_config(config):
@@ -338,13 +389,8 @@ def from_config(config):
   inp = config.input
   mixture = inp.get("mixture", ()) or ()
   if mixture:
-    parts = [(_one(kind, dict(spec)), float(weight)) for kind, spec, weight in mixture]
+    parts = [(_one(kind, dict(spec), config, f"input.mixture[{j}]"), float(weight))
+             for j, (kind, spec, weight) in enumerate(mixture)]
     return Mixture([p for p, _ in parts], [w for _, w in parts], seed=config.seed)
-  kind = inp.get("data", "webdataset")
-  spec = {k: inp.get(k) for k in ("shards", "dir", "tfds_name", "split", "tfds_data_dir",
-                                  "image_key", "text_key") if inp.get(k) is not None}
-  if kind == "webdataset" and not spec.get("shards"):
-    raise ValueError("config key `input.shards` is empty: give --config.input.shards=GLOB")
-  if kind == "folder" and not spec.get("dir"):
-    raise ValueError("config key `input.dir` is empty: give --config.input.dir=DIR")
-  return _one(kind, spec)
+  spec = {k: inp.get(k) for k in _SPEC_KEYS if inp.get(k) is not None}
+  return _one(inp.get("data", "webdataset"), spec, config, "input")

@@ -10,6 +10,12 @@ ones). The EOS modes follow big_vision's `pp/ops_text.py` `tokenize` op:
   which should only predict EOS where a text really ends). Pads with `pad_id`, else the model's
   pad id (0 when the model has none).
 - "none": no EOS; pads as "append".
+
+Text is normalised before SentencePiece sees it: lowercased character by character (the way
+HF tokenizers' `Lowercase` does; Python's `str.lower` alone would map a word-final capital
+sigma to "ς"), and, with `strip_punctuation`, each ASCII punctuation mark replaced by a space
+and runs of whitespace collapsed. An HF export carries exactly this normalisation in its
+`tokenizer.json` (interop/hf_tokenizer.py), so the exported tokenizer gives these ids.
 """
 import os
 import re
@@ -20,7 +26,17 @@ import sentencepiece as spm
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_sp.model")
 EOS_MODES = ("sticky", "append", "none")
-_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
+PUNCTUATION = string.punctuation   # what strip_punctuation replaces (ASCII only)
+_PUNCT = re.compile("[" + re.escape(PUNCTUATION) + "]")
+
+
+def options_from_input(inp):
+  """Tokenizer keyword arguments from a config's `input` block (a dict or ConfigDict; missing
+  keys take their defaults): the one mapping training, evaluation, load() and export share."""
+  get = inp.get
+  pad_id = get("pad_id", -1)   # -1: the EOS mode's default (ml_collections has no None)
+  return dict(lowercase=get("lowercase", True), strip_punctuation=get("strip_punctuation", False),
+              eos=get("eos", "sticky"), pad_id=None if pad_id is None or pad_id < 0 else pad_id)
 
 
 class Tokenizer:
@@ -32,6 +48,7 @@ class Tokenizer:
       raise ValueError(f"eos must be one of {EOS_MODES}, got {eos!r}")
     self.path = DEMO_MODEL if path is None else os.fspath(path)
     self.lowercase, self.strip_punctuation, self.eos = lowercase, strip_punctuation, eos
+    self.pad_id = pad_id
     # Read the bytes ourselves: SentencePiece's own loader reports a bare "Not found" or a
     # protobuf parse failure without saying which file it was given.
     try:
@@ -64,12 +81,31 @@ class Tokenizer:
   def vocab_size(self):
     return int(self._sp.get_piece_size())
 
-  def _clean(self, text):
+  def id_to_piece(self, i):
+    return self._sp.id_to_piece(int(i))
+
+  def serialized_model(self):
+    """The SentencePiece model's bytes (what its `.model` file holds)."""
+    return self._sp.serialized_model_proto()
+
+  @property
+  def options(self):
+    """The keyword arguments that rebuild this tokenizer from its model file."""
+    return dict(lowercase=self.lowercase, strip_punctuation=self.strip_punctuation,
+                eos=self.eos, pad_id=self.pad_id)
+
+  def normalize(self, text):
+    """`text` as SentencePiece receives it (see the module docstring)."""
     if self.lowercase:
-      text = text.lower()
+      text = "".join(map(str.lower, text))
     if self.strip_punctuation:
       text = " ".join(_PUNCT.sub(" ", text).split())
     return text
+
+  def ids(self, text):
+    """The normalised text's SentencePiece ids: no EOS, no padding (decoder sequences are put
+    together from such pieces)."""
+    return list(self._sp.encode(self.normalize(str(text))))
 
   def encode(self, texts, length):
     """Tokenizes `texts` (a list of str, or one str) into int32 [len(texts), length]."""
@@ -81,7 +117,7 @@ class Tokenizer:
     out = np.full((len(texts), length), self.pad_value, np.int32)
     if not texts:
       return out
-    for row, ids in enumerate(self._sp.encode([self._clean(t) for t in texts])):
+    for row, ids in enumerate(self._sp.encode([self.normalize(t) for t in texts])):
       if self.eos != "none":
         ids = ids + [self.eos_id]
       if len(ids) > length:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etils import epath
+
 from siglip_jax import models
 
 PREFIX = "params/"
@@ -54,7 +56,7 @@ def read_npz(path):
   path = os.fspath(path)
   try:
     # A URL (gs://big_vision/...) is read whole through etils.epath; a local file directly.
-    data = np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path,
+    data = np.load(io.BytesIO(epath.Path(path).read_bytes()) if paths.is_remote(path) else path,
                    allow_pickle=False)
   except FileNotFoundError:
     raise
@@ -291,3 +293,68 @@ def save_npz(flat, path):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+# ------------------------------------------------------------------ what goes beside an export
+
+_EOS_NAMES = {"sticky": "sticky", "append": "yes", "none": "none"}   # big_vision's `tokenize`
+
+
+def sidecar_paths(path):
+  """(two_towers JSON, SentencePiece model) written beside the `.npz` at `path`."""
+  path = os.fspath(path)
+  stem = path[:-len(".npz")] if path.endswith(".npz") else path
+  return stem + ".json", stem + ".model"
+
+
+def two_towers_config(spec, tokenizer=None, sp_file=None):
+  """big_vision's config for the model `spec` describes: `model` holds exactly the keyword
+  arguments of its `two_towers.Model`, `bias_init` only when the model has `b` (its presence is
+  what makes big_vision's `two_towers.load` read `b`); `pp_img` / `pp_txt` are big_vision
+  preprocessing strings (`pp_txt` only when its ops can express the tokenizer's options)."""
+  i, t = spec["image"], spec["text"]
+  model = {
+      "image_model": "vit", "text_model": "proj.image_text.text_transformer",
+      "image": {k: i[k] for k in ("patch_size", "width", "depth", "mlp_dim", "num_heads",
+                                  "pool_type", "posemb", "rep_size")},
+      "text": {k: t[k] for k in ("width", "depth", "mlp_dim", "num_heads", "vocab_size",
+                                 "pool_type")},
+      "out_dim": list(spec["out_dim"]),
+      "temperature_init": 10.0,   # an init only: the loaded `t` replaces it
+  }
+  model["image"]["patch_size"] = list(i["patch_size"])
+  if spec["bias_init"] is not None:
+    model["bias_init"] = float(spec["bias_init"])
+  size = spec["image_size"]
+  out = {"model_name": "proj.image_text.two_towers", "model": model,
+         "pp_img": f"resize({size}, method='bicubic', antialias=True)|value_range(-1, 1)"}
+  if tokenizer is not None and not tokenizer.strip_punctuation:
+    out["pp_txt"] = (f"tokenize(max_len={spec['text_len']}, model='{sp_file}', "
+                     f"eos='{_EOS_NAMES[tokenizer.eos]}', pad_value={tokenizer.pad_value}, "
+                     f"lower={bool(tokenizer.lowercase)}, inkey='texts')")
+  return out
+
+
+def _write_atomic(path, data):
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save(flat, spec, path, tokenizer=None):
+  """Writes the `.npz` at `path`, its two_towers JSON beside it and, with a `tokenizer` (a
+  siglip_jax Tokenizer), its SentencePiece model (else an old one there is removed)."""
+  import json
+  json_path, sp_path = sidecar_paths(path)
+  save_npz(flat, path)
+  if tokenizer is not None:
+    _write_atomic(sp_path, tokenizer.serialized_model())
+  elif os.path.lexists(sp_path):
+    os.remove(sp_path)
+  cfg = two_towers_config(spec, tokenizer, os.path.basename(sp_path))
+  _write_atomic(json_path, (json.dumps(cfg, indent=2) + "\n").encode())

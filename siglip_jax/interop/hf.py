@@ -1,6 +1,6 @@
-"""HF transformers `SiglipModel` folders: write (config.json + model.safetensors [+ tokenizer]),
-read back. Neither direction imports torch or transformers (safetensors' numpy API), so export
-works on a training machine without them.
+"""HF transformers `SiglipModel` folders: write (config.json + model.safetensors [+ the tokenizer
+files of interop/hf_tokenizer.py]), read back. Neither direction imports torch or transformers, so
+export works on a training machine without them (safetensors' numpy API; HF `tokenizers`).
 
 One table (`_table`) lists every HF tensor with the big_vision names it comes from and how:
 export runs it forward, import backward, so a round trip is exact. HF's SigLIP is a fixed shape:
@@ -10,13 +10,12 @@ else is refused with a message naming what does not fit.
 """
 import json
 import os
-import shutil
 
 import numpy as np
 
-from siglip_jax.interop import big_vision
+from siglip_jax.interop import big_vision, hf_tokenizer
 
-CONFIG, WEIGHTS, SPIECE = "config.json", "model.safetensors", "spiece.model"
+CONFIG, WEIGHTS, SPIECE = "config.json", "model.safetensors", hf_tokenizer.SPIECE
 # transformers' Siglip{Text,Vision}Config defaults: published config.json files leave them out.
 _TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=64,
@@ -158,16 +157,28 @@ def hf_config(spec, tokenizer=None):
   }
 
 
-def _tokenizer_files(out, tokenizer, text_len):
-  shutil.copyfile(tokenizer.path, os.path.join(out, SPIECE))
-  piece = tokenizer._sp.id_to_piece 
-  special = {"eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_value),
-             "unk_token": piece(max(int(tokenizer._sp.unk_id()), 0))}
-  cfg = {"tokenizer_class": "SiglipTokenizer", "model_max_length": int(text_len),
-         "do_lower_case": bool(tokenizer.lowercase), **special}
-  for name, content in (("tokenizer_config.json", cfg), ("special_tokens_map.json", special)):
-    with open(os.path.join(out, name), "w") as f:
-      json.dump(content, f, indent=2)
+PIPELINE_TEXT_LEN = 64   # what transformers' zero-shot pipeline pads SigLIP text to, always
+
+
+def export_warnings(spec, tokenizer=None):
+  """What of an HF export will not work as a user expects, as sentences (empty: nothing)."""
+  out = []
+  if spec["text_len"] != PIPELINE_TEXT_LEN:
+    out.append(
+        f"the model reads {spec['text_len']} text tokens, but transformers' "
+        f"zero-shot-image-classification pipeline pads SigLIP text to {PIPELINE_TEXT_LEN} "
+        "tokens whatever the model says, so pipeline(...) will fail or read the wrong token; "
+        "use AutoModel + AutoProcessor instead: processor(text=..., images=..., "
+        f"padding='max_length') pads to {spec['text_len']} (the tokenizer's model_max_length), "
+        "then model(**inputs)")
+  if tokenizer is None:
+    out.append("no SentencePiece model is known for this source (a bare .npz names none), so the "
+               "export has no tokenizer files, which transformers' pipeline and AutoProcessor "
+               "need")
+  elif tokenizer.eos == "append":
+    out.append("the tokenizer appends EOS without keeping it on truncation (eos='append'); HF "
+               "truncation keeps it, so texts longer than the text length get other ids")
+  return out
 
 
 def save(flat, spec, out, tokenizer=None):
@@ -191,7 +202,7 @@ def save(flat, spec, out, tokenizer=None):
   with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
     json.dump(pre, f, indent=2)
   if tokenizer is not None:
-    _tokenizer_files(out, tokenizer, spec["text_len"])
+    hf_tokenizer.write(out, tokenizer, spec["text_len"])
 
 
 def is_hf_folder(path):
@@ -244,7 +255,12 @@ def _read_tensors(path):
     raise ValueError(f"{path}: no {WEIGHTS} (only safetensors weights are read, never pickles)")
   out = {}
   for name in files:
-    out.update(load_file(os.path.join(path, name)))
+    try:
+      out.update(load_file(os.path.join(path, name)))
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # safetensors' own error class
+      raise ValueError(f"{os.path.join(path, name)} is damaged or truncated ({e})") from None
   return out
 
 

@@ -48,7 +48,8 @@ class MultiHeadAttention(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv):
+  def __call__(self, inputs_q, inputs_kv, mask=None):
+    """`mask`: boolean, broadcastable to [B, heads, Tq, Tkv]; True where a query may attend."""
     d = inputs_q.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
@@ -61,7 +62,7 @@ class MultiHeadAttention(nn.Module):
     k = dense("key", features=(self.num_heads, head_dim))(inputs_kv)
     v = dense("value", features=(self.num_heads, head_dim))(inputs_kv)
     # Looked up at call time (not imported by name) so tests can observe the implementation used.
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return dense("out", features=d, axis=(-2, -1))(y)  # kernel [heads, head_dim, D]
 
 

@@ -1,6 +1,7 @@
 """The Grain loader: determinism, process slices, epochs, skips, exact resume."""
 import collections
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,15 +193,101 @@ def test_caption_choice_and_crops_depend_on_slot_not_process(tmp_path):
     np.testing.assert_array_equal(x[0]["text"], y[0]["text"])
 
 
-def test_examples_fn_serves_the_same_stream_to_index_based_callers(wds):
-  """`experiment.make_train_source` for real data: slots -> float images and captions."""
+# ------------------------------------------------ the demo set: a source like any other
+
+def _shapes_config(**input_overrides):
   import ml_collections
-  from siglip_jax import experiment
-  config = ml_collections.ConfigDict({"seed": 0, "input": {
-      "data": "webdataset", "shards": wds["glob"], "batch_size": 16, "image_size": 16,
-      "text_len": 8}})
-  out = experiment.make_train_source(config)(np.arange(16, 20))
-  assert out["image"].shape == (4, 16, 16, 3) and out["image"].dtype == np.float32
-  assert -1 <= out["image"].min() and out["image"].max() <= 1
-  records = _loader(sources.WebDatasetSource(wds["glob"]), range(16))(1)["record"][:4]
-  assert out["text"] == [f"photo number {r}" for r in records]
+  from siglip_jax import config_defaults
+  c = config_defaults.base()
+  c.seed, c.total_steps = 0, 10
+  c.input.update(dict(data="shapes", batch_size=16, image_size=16, text_len=16, threads=2))
+  c.input.update(input_overrides)
+  return c
+
+
+def _shapes_loader(config, rows):
+  return pipeline.StepLoader(sources.from_config(config), preprocess.from_config(config),
+                             seed=config.seed, global_batch=config.input.batch_size, rows=rows,
+                             threads=config.input.threads)
+
+
+@pytest.mark.parametrize("resize, method", [("squash", "bicubic"), ("crop", "bilinear")])
+def test_shapes_pixels_pass_the_loader_unchanged(resize, method):
+  """The demo set through the real-data loader: each row is exactly the renderer's pixels (no
+  resampling at the source's own size) and its caption's tokens; on the devices, the floats
+  are those pixels mapped to [-1, 1]."""
+  from siglip_jax.data import shapes, tokenizer
+  config = _shapes_config(resize=resize, resize_method=method)
+  host = _shapes_loader(config, range(16))(2)
+  ex = shapes.ShapesDataset(seed=0, image_size=16).train_examples(host["record"])
+  np.testing.assert_array_equal(host["image"], ex["image"])
+  np.testing.assert_array_equal(host["text"], tokenizer.Tokenizer().encode(ex["text"], 16))
+  assert (host["skipped"] == 0).all() and len(set(host["record"].tolist())) == 16
+  if resize == "squash":
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
+    data = pipeline.make_batches(config, sharding, {"data_position": 2})
+    step, batch, _ = next(data)
+    data.close()
+    assert step == 2
+    image = np.asarray(batch["image"])   # mapped to floats by XLA: equal up to an ulp
+    np.testing.assert_allclose(image, preprocess.to_float(ex["image"]), rtol=0, atol=3e-7)
+    np.testing.assert_array_equal(np.rint((image + 1) * 127.5), ex["image"])
+
+
+def test_shapes_batches_resume_exactly_and_never_show_unseen_pairs():
+  """Batches of the demo set are a function of (seed, step): a run restarted at step 3 gets the
+  uninterrupted run's batches; another seed, others. No caption names an unseen pair."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from siglip_jax.data import shapes
+  sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
+  config = _shapes_config()
+
+  def run(start, n, cfg=config):
+    data = pipeline.make_batches(cfg, sharding, {"data_position": start})
+    out = [next(data) for _ in range(n)]
+    state = data.state()
+    data.close()
+    return [(s, np.asarray(b["image"]), np.asarray(b["text"])) for s, b, _ in out], state
+
+  straight, _ = run(0, 6)
+  resumed, state = run(3, 3)
+  assert state == {"data_position": 6, "data_skipped": 0}
+  for want, got in zip(straight[3:], resumed):
+    assert want[0] == got[0]
+    np.testing.assert_array_equal(want[1], got[1])
+    np.testing.assert_array_equal(want[2], got[2])
+  again, _ = run(0, 1, _shapes_config())
+  np.testing.assert_array_equal(again[0][1], straight[0][1])
+  reseeded = _shapes_config()
+  reseeded.seed = 1
+  assert not np.array_equal(run(0, 1, reseeded)[0][0][1], straight[0][1])
+
+  loader = _shapes_loader(config, range(16))
+  captions = [loader.example(slot, tokenize=False)[0]["text"] for slot in range(16 * 40)]
+  unseen = {(c, s) for c, s in shapes.UNSEEN_PAIRS}
+  pairs = {(c, s) for text in captions for c in shapes.COLORS for s in shapes.SHAPES
+           if re.search(rf"\b{c}\b", text) and re.search(rf"\b{s}\b", text)}
+  assert not pairs & unseen
+  assert len(pairs) == len(shapes.COLORS) * len(shapes.SHAPES) - len(unseen)   # all seen ones
+
+
+def test_source_kinds_and_their_errors(tmp_path):
+  from siglip_jax.data import shapes
+  config = _shapes_config()
+  src = sources.from_config(config)
+  assert isinstance(src, shapes.TrainSource) and len(src) == 2**32
+  assert src[7]["texts"] == src._getitems([5, 7])[1]["texts"]   # batched read = one by one
+  for data, key in (("webdataset", "input.shards"), ("folder", "input.dir"),
+                    ("tfds", "input.tfds_name")):
+    with pytest.raises(ValueError, match=f"`{key}` is empty"):
+      sources.from_config(_shapes_config(data=data))
+  with pytest.raises(ValueError, match="unknown data kind 'synthetic'"):
+    sources.from_config(_shapes_config(data="synthetic"))
+  # A mixture may hold the demo set beside real data: one loader for both.
+  make_shards(str(tmp_path), num_good=4, num_shards=1, odd_and_bad=False)
+  mix = sources.from_config(_shapes_config(mixture=(
+      ("shapes", {}, 0.5), ("webdataset", {"shards": str(tmp_path / "*.tar")}, 0.5))))
+  assert {mix[i]["key"].startswith("shapes:") for i in range(8)} == {True, False}

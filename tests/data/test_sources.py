@@ -1,13 +1,20 @@
 """Sources (WebDataset, folder, ArrayRecord, TFDS, mixtures) and preprocessing."""
 import io
 import json
+import logging
+import os
+import tarfile
+import threading
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from siglip_jax.data import preprocess, sources
 
+import hostile_data
+from hostile_data import hostile, image_colour, read_caption  # noqa: F401
 from wds_fixtures import BAD, ODD, TFDS_NAME, colour, tiny_tfds_dir, wds  # noqa: F401  pylint: disable=unused-import
 
 
@@ -170,3 +177,132 @@ def test_tfds_source_prepared_locally(tmp_path_factory):
     except preprocess.BadRecord as e:
       reasons.append(e.reason)
   assert reasons == ["blank_caption"]
+
+
+# ------------------------------------------------------------------------ hostile input
+
+def _shard(hostile, n):
+  return os.path.join(os.path.dirname(hostile["shards"]["pattern"]), f"h-{n:05d}.tar")
+
+
+def _reasons(src):
+  out = []
+  for i in range(len(src)):
+    try:
+      _pre().check(src[i])
+      out.append(None)
+    except preprocess.BadRecord as e:
+      out.append(e.reason)
+  return out
+
+
+def test_a_header_claiming_a_terabyte_is_dropped_not_allocated(hostile, caplog, tmp_path):
+  # h-00002: a member header claiming 1 TiB; h-00003: a pax header claiming 1 TiB of metadata.
+  # Each shard keeps its good sample and counts one member_out_of_bounds (tarfile would have
+  # allocated the pax data; reading the member would have allocated a terabyte).
+  with caplog.at_level(logging.WARNING):
+    src = sources.WebDatasetSource([_shard(hostile, 2), _shard(hostile, 3)])
+  assert _reasons(src) == [None, "member_out_of_bounds", None, "member_out_of_bounds"]
+  assert [src[i]["texts"] for i in (0, 2)] == [b"photo number 5", b"photo number 6"]
+  assert src.dropped == {"member_out_of_bounds": 2}
+  for n in (2, 3):   # one warning per shard, naming it
+    assert sum(f"h-{n:05d}.tar" in r.getMessage() for r in caplog.records) == 1
+  # The other extended headers tarfile reads whole: GNU long names, pax global headers.
+  for kind in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XGLTYPE):
+    path = tmp_path / f"{kind.decode()}.tar"
+    path.write_bytes(hostile_data._sample(1, np.random.default_rng(0))
+                     + hostile_data._header("ext", hostile_data.TERABYTE, kind) + bytes(4096))
+    src = sources.WebDatasetSource(str(path))
+    assert _reasons(src) == [None, "member_out_of_bounds"], kind
+
+
+def test_a_shard_cut_short_is_counted_never_silent(hostile, caplog):
+  # 4: cut after a complete sample (no end-of-archive blocks): the sample is kept and one
+  # record stands for the unseen rest; 5: cut after a sample's image: that key is the record;
+  # 6: cut inside a header; 7: cut inside a member's data (member_out_of_bounds).
+  with caplog.at_level(logging.WARNING):
+    src = sources.WebDatasetSource(f"{os.path.dirname(_shard(hostile, 0))}/h-0000{{4..7}}.tar")
+  assert _reasons(src) == [None, None, "truncated_shard", None, "truncated_shard",
+                           None, "truncated_shard", None, "member_out_of_bounds"]
+  assert [src[i]["texts"] for i in (0, 1, 3, 5, 7)] == [
+      f"photo number {i}".encode() for i in (7, 8, 9, 11, 12)]
+  warned = [r.getMessage() for r in caplog.records if "h-0000" in r.getMessage()]
+  assert len(warned) == 4 and all("cut short" in w for w in warned[:3])
+
+
+def test_a_key_seen_twice_is_never_paired(hostile):
+  # h-00000: dupA twice as a whole sample, dupB with two captions, dupC with two images.
+  src = sources.WebDatasetSource(_shard(hostile, 0))
+  reasons = _reasons(src)
+  assert reasons.count("duplicate_key") == 6 and src.dropped == {"duplicate_key": 6}
+  assert reasons.count(None) == 3
+  for i, reason in enumerate(reasons):
+    rec = src[i]
+    if reason == "duplicate_key":
+      assert rec["image"] is None and rec["texts"] is None
+    if reason is None:   # every caption belongs to its own image
+      number = int(read_caption(rec).split()[-1])
+      np.testing.assert_allclose(image_colour(rec), colour(number), atol=4)
+
+
+def test_captions_of_only_control_characters_are_blank(hostile):
+  for blank in ("\x00\x00 \x01\t\x00", "\u200b\ufeff\x1b\x7f", "", " \n"):
+    assert preprocess.is_blank(blank), repr(blank)
+    with pytest.raises(preprocess.BadRecord, match="blank_caption"):
+      preprocess.pick_caption([blank, b"\x00"], np.random.default_rng(0))
+  assert not preprocess.is_blank("a\x00") and not preprocess.is_blank("\u00e9")
+  assert preprocess.pick_caption(["\x00", " a cat "], np.random.default_rng(0)) == "a cat"
+  reasons = _reasons(sources.WebDatasetSource(_shard(hostile, 0)))
+  assert reasons[-3:] == ["blank_caption", "blank_caption", "caption_too_large"]
+
+
+def test_oversized_members_are_never_read(hostile, monkeypatch):
+  from siglip_jax.data import webdataset
+  sizes = []
+  read = webdataset._ShardFiles.read
+  monkeypatch.setattr(webdataset._ShardFiles, "read",
+                      lambda self, *a: sizes.append(a[-1]) or read(self, *a))
+  src = sources.WebDatasetSource([_shard(hostile, 0), _shard(hostile, 1)])
+  reasons = _reasons(src)
+  assert reasons[-3:] == [None, "image_too_large", None]   # the sparse 1.2 GB image member
+  assert reasons.count("caption_too_large") == 1            # the 1.5 MiB caption
+  assert max(sizes) < 100_000
+  # the cap is the config's: a smaller one skips the ordinary images too
+  small = sources.WebDatasetSource(_shard(hostile, 1), max_image_bytes=100)
+  assert _reasons(small) == ["image_too_large"] * 3
+
+
+def test_folder_source_reads_only_regular_files_inside_it(hostile):
+  folder = hostile["folder"]
+  src = sources.from_config(ml_collections.ConfigDict(
+      {"seed": 0, "input": {"data": "folder", "dir": folder["dir"]}}))
+  reasons = []
+  worker = threading.Thread(target=lambda: reasons.extend(_reasons(src)), daemon=True)
+  worker.start()
+  worker.join(60)
+  assert not worker.is_alive(), "reading the folder blocked (a FIFO opened for reading?)"
+  assert reasons == folder["reasons"]
+  np.testing.assert_allclose(image_colour(src[1]), colour(1), atol=1)   # a symlink inside
+  # input.max_image_bytes reaches the folder source through from_config
+  capped = sources.from_config(ml_collections.ConfigDict(
+      {"seed": 0, "input": {"data": "folder", "dir": folder["dir"], "max_image_bytes": 10}}))
+  assert _reasons(capped)[:3] == ["image_too_large"] * 3
+
+
+def test_every_reason_a_source_gives_is_a_known_reason(hostile):
+  found = set(hostile["shards"]["skipped"]) | set(hostile["folder"]["skipped"])
+  assert found <= set(preprocess.REASONS)
+  assert set(BAD.values()) <= set(preprocess.REASONS)
+
+
+def test_open_shards_stay_bounded(wds, monkeypatch):
+  # img2dataset's 1,243 shards would exceed `ulimit -n` if every shard stayed open.
+  from siglip_jax.data import webdataset
+  monkeypatch.setattr(webdataset, "_MAX_OPEN_SHARDS", 2)
+  src = sources.WebDatasetSource(wds["glob"])
+  assert len(src.shards) == 3
+  for _ in range(2):
+    for i in range(len(src)):
+      src[i]
+      assert len(src._files._open) <= 2
+  assert _reasons(src) == [BAD.get(kind) for kind in wds["kinds"]]

@@ -54,6 +54,22 @@ def test_lowercase(tok):
   assert not np.array_equal(cased.encode(["A RED Star"], 16), tok.encode(["A RED Star"], 16))
 
 
+def test_lowercase_is_per_character(tok):
+  # As HF tokenizers' Lowercase, so an HF export lowercases the same; Python's str.lower() maps a
+  # word-final capital sigma to "ς" instead.
+  assert tok.normalize("ΟΔΟΣ ΚΑΙ") == "οδοσ και"
+  assert tok.normalize("A Photo, of a RED Star") == "a photo, of a red star"
+
+
+def test_options_rebuild_the_tokenizer():
+  t = Tokenizer(strip_punctuation=True, eos="append", pad_id=3)
+  again = Tokenizer(t.path, **t.options)
+  assert again.options == t.options == dict(lowercase=True, strip_punctuation=True,
+                                            eos="append", pad_id=3)
+  texts = ["A photo, of a RED star!", "there is a large purple heart on a noisy background"]
+  np.testing.assert_array_equal(again.encode(texts, 8), t.encode(texts, 8))
+
+
 def test_truncation(tok):
   text = "there is a large purple heart on a noisy background in the picture"
   full = tok.encode([text], 64)[0]

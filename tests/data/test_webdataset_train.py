@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DEMO, run_module
+from hostile_data import hostile  # noqa: F401  pylint: disable=unused-import
 from wds_fixtures import TFDS_NAME, tiny_tfds_dir, wds  # noqa: F401  pylint: disable=unused-import
 
 # The demo's tiny-model overrides on the WebDataset config (12 steps of 16: 192 examples, more
@@ -55,11 +56,16 @@ def test_train_12_steps_with_bad_records_then_resume_exactly(wds, tmp_path):
     np.testing.assert_allclose(again[s]["train/loss"], rows[s]["train/loss"], rtol=1e-5)
 
 
-def test_train_from_a_mixture_of_a_prepared_set_and_a_tfds_set(wds, tmp_path, tmp_path_factory):
-  """input.mixture: an ArrayRecord set made by `prepare` and (where TFDS is installed) a TFDS
-  set prepared here, else the raw shards."""
+def test_train_from_a_mixture_of_prepared_tfds_and_hostile_sources(wds, hostile, tmp_path,
+                                                                     tmp_path_factory):
+  """input.mixture: an ArrayRecord set made by `prepare`, (where TFDS is installed) a TFDS set
+  prepared here, else the raw shards; and the hostile shards (by their brace pattern) and
+  hostile folder, weighted up so that 3 steps of 16 meet their bad records (a terabyte header,
+  a 1.2 GB member and file, /dev/zero, a FIFO, duplicate keys, cut shards). The acceptance
+  run: it finishes, and `data/skipped` counts exactly the skips the same slots give here."""
   pytest.importorskip("array_record")
-  from siglip_jax.data import prepare, sources
+  import ml_collections
+  from siglip_jax.data import pipeline, prepare, preprocess, sources
   out = str(tmp_path / "prepared")
   prepare.prepare(sources.WebDatasetSource(wds["glob"]), out, workers=1)
   data_dir = tiny_tfds_dir(tmp_path_factory)
@@ -67,14 +73,24 @@ def test_train_from_a_mixture_of_a_prepared_set_and_a_tfds_set(wds, tmp_path, tm
     second = ("webdataset", {"shards": wds["glob"]}, 1.0)
   else:
     second = ("tfds", {"tfds_name": TFDS_NAME, "tfds_data_dir": data_dir}, 1.0)
-  mixture = (("folder", {"dir": out}, 1.0), second)
+  mixture = (("folder", {"dir": out}, 1.0), second,
+             ("webdataset", {"shards": hostile["shards"]["pattern"]}, 3.0),
+             ("folder", {"dir": hostile["folder"]["dir"]}, 3.0))
   workdir = str(tmp_path / "run")
-  run_module("siglip_jax.train", TINY + [
+  proc = run_module("siglip_jax.train", TINY + [
       "--config.input.image_size=32", "--config.total_steps=3", "--config.log_every_steps=3",
       "--config.evals.shapes.num_heldout=8", "--config.evals.shapes.num_unseen=8",
       f"--config.input.mixture={mixture!r}", f"--workdir={workdir}"])
   row = _train_rows(workdir)[3]
-  assert np.isfinite(row["train/loss"]) and "data/skipped" in row
+  assert np.isfinite(row["train/loss"])
+  config = ml_collections.ConfigDict({"seed": 0, "input": {"mixture": mixture}})
+  loader = pipeline.StepLoader(sources.from_config(config),
+                               preprocess.Preprocessor(image_size=32, text_len=8), seed=0,
+                               global_batch=16, rows=range(16), threads=1)
+  met = [r for slot in range(3 * 16) for r in loader.example(slot)[2]]
+  assert row["data/skipped"] == len(met)
+  assert {"duplicate_key", "outside_folder", "not_a_regular_file"} <= set(met), met
+  assert "h-00002.tar" in proc.stderr + proc.stdout   # the index's warning, once per shard
 
 
 def _load_config(name):

@@ -5,6 +5,7 @@ big_vision is not installable here, so "a checkpoint written by big_vision" is r
 under the names and shapes big_vision's modules create, in the published `.npz` layout; the
 reference forward below reads that file by those names and nothing from siglip_jax.
 """
+import json
 import math
 import os
 
@@ -102,12 +103,15 @@ def write_npz(path, w, *, scanned=False, prefix=True):
 # ------------------------------------------------------------------ big_vision's forward, numpy
 
 class Reference:
-  """big_vision's two_towers forward in float64, reading the `.npz` by big_vision's names."""
+  """big_vision's two_towers forward in float64, reading the `.npz` by big_vision's names
+  (tower depths: IMG's and TXT's, or those of a two_towers `model` config)."""
 
-  def __init__(self, path):
+  def __init__(self, path, model_cfg=None):
     with np.load(path, allow_pickle=False) as f:
       raw = {k: f[k].astype(np.float64) for k in f.files}
     self.w = {k.removeprefix("params/"): v for k, v in raw.items()}
+    self.depths = ((model_cfg["image"]["depth"], model_cfg["text"]["depth"]) if model_cfg
+                   else (IMG["depth"], TXT["depth"]))
 
   def p(self, name, layer=None):
     if layer is None:
@@ -157,7 +161,7 @@ class Reference:
     patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = patches.reshape(n, -1, p * p * c) @ kernel.reshape(-1, d) + self.p("img/embedding/bias")
     x = x + self.p("img/pos_embedding")
-    x = self.encoder("img/Transformer/", x, IMG["depth"])
+    x = self.encoder("img/Transformer/", x, self.depths[0])
     probe = np.tile(self.p("img/MAPHead_0/probe"), (n, 1, 1))
     x = self.attention("img/MAPHead_0/MultiHeadDotProductAttention_0/", probe, x)
     ln = "img/MAPHead_0/LayerNorm_0/"
@@ -167,7 +171,7 @@ class Reference:
 
   def text(self, ids):  # text_transformer.py: embed, posemb, encoder, last token, head
     x = self.p("txt/Embed_0/embedding")[ids] + self.p("txt/pos_embedding")
-    x = self.encoder("txt/Encoder_0/", x, TXT["depth"])[:, -1]
+    x = self.encoder("txt/Encoder_0/", x, self.depths[1])[:, -1]
     x = x @ self.p("txt/head/kernel") + self.p("txt/head/bias")
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
@@ -227,7 +231,9 @@ def test_converted_to_hf_reproduces_big_vision_in_transformers(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   path = write_npz(tmp_path / "siglip.npz", bv_weights(seed=3))
-  convert.convert(path, "hf", tmp_path / "hf")
+  with pytest.warns(UserWarning, match="pads SigLIP text to 64"), \
+       pytest.warns(UserWarning, match="no tokenizer files"):   # 12 tokens; a bare .npz
+    convert.convert(path, "hf", tmp_path / "hf")
   hf_model = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
   images, tokens = inputs(seed=4)
   with torch.no_grad():
@@ -238,6 +244,50 @@ def test_converted_to_hf_reproduces_big_vision_in_transformers(tmp_path):
   assert np.abs(out.text_embeds.numpy() - ref.text(tokens)).max() < 1e-4
   assert hf_model.logit_scale.item() == pytest.approx(ref.p("t")[0], rel=1e-6)
   assert hf_model.logit_bias.item() == pytest.approx(ref.p("b")[0], rel=1e-6)
+
+
+# The keyword arguments of big_vision's two_towers.Model, vit.Model and text_transformer.Model
+# (big_vision/models/...; `scan` and the dtypes only in newer versions of the towers).
+TWO_TOWERS_FIELDS = {"image", "text", "image_model", "text_model", "out_dim", "temperature_init",
+                     "bias_init"}
+TWO_TOWERS_DEFAULTS = {"out_dim": 128, "temperature_init": 1.0, "bias_init": None}   # its own
+VIT_FIELDS = {"patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb", "rep_size",
+              "dropout", "pool_type", "head_zeroinit", "variant"}
+TEXT_FIELDS = {"width", "depth", "mlp_dim", "num_heads", "dropout", "vocab_size", "pool_type",
+               "scan", "remat_policy", "variant"}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_towers_json_beside_the_export_rebuilds_the_model(tmp_path, bias):
+  """big_vision builds the model as `two_towers.Model(**cfg.model)` and loads the `.npz` with
+  `two_towers.load(None, path, cfg.model)`, which reads `b` only when `bias_init` is a key. The
+  model the JSON describes, on the exported weights, is the reference forward."""
+  import jax
+  from flax import traverse_util
+  src = write_npz(tmp_path / "src.npz", bv_weights(seed=7, bias=bias), scanned=True)
+  out = tmp_path / "export" / "siglip.npz"
+  convert.convert(src, "big_vision", out)
+  cfg = json.loads((tmp_path / "export" / "siglip.json").read_text())
+  assert cfg["model_name"] == "proj.image_text.two_towers" and "pp_txt" not in cfg   # no tokenizer
+  model_cfg = cfg["model"]
+  assert set(model_cfg) <= TWO_TOWERS_FIELDS and ("bias_init" in model_cfg) == bias
+  assert set(model_cfg["image"]) <= VIT_FIELDS and set(model_cfg["text"]) <= TEXT_FIELDS
+  assert not (tmp_path / "export" / "siglip.model").exists()
+  with np.load(out, allow_pickle=False) as f:   # by name, as big_vision's load_params does
+    params = traverse_util.unflatten_dict({k.removeprefix("params/"): f[k] for k in f.files},
+                                          sep="/")
+  # siglip_jax's two_towers takes big_vision's config; big_vision's defaults fill what is left out.
+  model = models.from_config({**TWO_TOWERS_DEFAULTS, **model_cfg})
+  images, tokens = inputs(seed=8)
+  zimg, ztxt, extra = jax.jit(model.apply)({"params": params}, images, tokens)
+  ref = Reference(out, model_cfg)
+  assert np.abs(np.asarray(zimg) - ref.image(images)).max() < 1e-4
+  assert np.abs(np.asarray(ztxt) - ref.text(tokens)).max() < 1e-4
+  assert float(extra["t"][0]) == pytest.approx(math.exp(ref.p("t")[0]), rel=1e-6)
+  if bias:
+    assert float(extra["b"][0]) == pytest.approx(ref.p("b")[0], rel=1e-6)
+  else:
+    assert "b" not in extra
 
 
 def test_round_trip_is_exact(tmp_path):

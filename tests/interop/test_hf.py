@@ -88,17 +88,27 @@ def test_models_hf_cannot_hold_are_refused(tmp_path, change, words):
 
 def test_tokenizer_files_load_in_transformers(tmp_path):
   transformers = pytest.importorskip("transformers")
-  pytest.importorskip("sentencepiece")
   ours = tok.Tokenizer()   # the demo's SentencePiece model
   hf.save(random_params(SPEC), SPEC, tmp_path / "hf", ours)
   assert (tmp_path / "hf" / "spiece.model").read_bytes() == open(tok.DEMO_MODEL, "rb").read()
-  theirs = transformers.SiglipTokenizer.from_pretrained(tmp_path / "hf")
-  texts = ["a red circle", "a big blue square"]
-  ids = theirs(texts, padding="max_length", max_length=SPEC["text_len"]).input_ids
-  np.testing.assert_array_equal(np.array(ids), ours.encode(texts, SPEC["text_len"]))
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  texts = ["a red circle", "A photo of a BIG blue square.", "there is a red star, isn't there?"]
+  enc = theirs(texts, padding="max_length", max_length=SPEC["text_len"], truncation=True)
+  assert list(enc) == ["input_ids"]   # no attention mask: training attended to the padding
+  np.testing.assert_array_equal(np.array(enc.input_ids), ours.encode(texts, SPEC["text_len"]))
   cfg = json.loads((tmp_path / "hf" / hf.CONFIG).read_text())["text_config"]
   assert cfg["eos_token_id"] == cfg["pad_token_id"] == ours.eos_id   # sticky EOS padding
   assert hf.load(tmp_path / "hf")[2] == os.path.join(tmp_path / "hf", "spiece.model")
+
+
+def test_export_warnings():
+  assert hf.export_warnings({**SPEC, "text_len": 64}, tok.Tokenizer()) == []
+  (short,) = hf.export_warnings(SPEC, tok.Tokenizer())   # 8 tokens
+  assert "pads SigLIP text to 64 tokens" in short and "AutoModel + AutoProcessor" in short
+  (none,) = hf.export_warnings({**SPEC, "text_len": 64})
+  assert "no tokenizer files" in none
+  (append,) = hf.export_warnings({**SPEC, "text_len": 64}, tok.Tokenizer(eos="append"))
+  assert "eos='append'" in append
 
 
 def test_published_style_config_fills_transformers_defaults(tmp_path):

@@ -1,0 +1,42 @@
+"""The SigLIP 2 demo: the sigmoid loss and the LocCa decoder (captioning, referring expressions,
+grounded captioning) trained together on the embedded scenes set, on a 2-core CPU.
+
+    python -m siglip_jax.train --config=configs/siglip2_demo.py --workdir=DIR
+    # SigLIP 1 on the same data, for comparison:
+    python -m siglip_jax.train --config=configs/siglip2_demo.py --workdir=DIR \\
+        --config.objectives.locca.weight=0
+
+Scenes of 1 to 3 coloured shapes (siglip_jax/data/scenes.py), each object a region with its box
+and caption. What each choice bought is in docs/performance.md ("The SigLIP 2 demo").
+"""
+from siglip_jax import config_defaults
+
+
+def get_config(arg=None):
+  del arg
+  c = config_defaults.base()
+  c.total_steps = 3000
+
+  c.input.data = "scenes"
+  c.input.batch_size = 128
+  c.input.image_size = 48
+  c.input.text_len = 20            # the longest scene caption is 17 tokens and EOS
+  c.input.decoder_len = 20
+  c.input.loc_bins = 32            # 1.5 px a bin at 48 px
+
+  c.model.image = dict(variant=None, patch_size=(8, 8), width=128, depth=3, mlp_dim=512,
+                       num_heads=4, pool_type="map", posemb="sincos2d", scan=False,
+                       remat_policy="none")
+  c.model.text = dict(variant=None, width=128, depth=1, mlp_dim=512, num_heads=4,
+                      vocab_size=0, pool_type="last", scan=False, remat_policy="none")
+  c.model.out_dim = (None, 128)
+
+  c.objectives.locca.weight = 1.0  # SigLIP 2: equal weights, from the first step
+
+  c.optim.schedule.warmup_steps = 100
+  # As in the demo: the text transformer near its init composes colour and shape words.
+  c.optim.lr_mults = (("txt/(Embed_0|Encoder_0|pos_embedding).*", 0.1),)
+
+  c.checkpoint.every_steps = 500
+  c.evals.scenes = dict(kind="scenes", every_steps=1000)
+  return c

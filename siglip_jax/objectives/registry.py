@@ -1,0 +1,77 @@
+"""Which objectives a config trains, their checks, and which are on at a step."""
+from siglip_jax import errors
+
+NAMES = ("contrastive", "locca")
+
+
+class ObjectiveConfigError(errors.UserError, ValueError):
+  """An `objectives.*` value that cannot work; the message names the key."""
+
+
+class Objective:
+  """Base: `name`, `weight`, `start_step`; subclasses add `init` and `loss` (see the package
+  docstring)."""
+  name = ""
+  batch_keys = ()     # batch entries it reads besides image and text
+  param_names = ()    # top-level parameter names it owns (beside img, txt, t, b)
+
+  def __init__(self, weight, start_step):
+    self.weight, self.start_step = float(weight), int(start_step)
+
+  def init(self, rng, batch, tower_out):
+    del rng, batch, tower_out
+    return {}
+
+  def batch_spec(self, config):
+    """{key: (shape after the batch axis, dtype)} of the batch entries it reads."""
+    del config
+    return {}
+
+
+def _start_step(cfg, total_steps):
+  return int(round(float(cfg.get("start_fraction", 0.0)) * int(total_steps)))
+
+
+def configured(config):
+  """[(name, weight, start_step)] of the objectives this config trains: contrastive always,
+  the others when their weight is above 0."""
+  out = []
+  for name in NAMES:
+    cfg = config.objectives[name]
+    weight = float(cfg.weight)
+    if name == "contrastive" or weight > 0:
+      out.append((name, weight, _start_step(cfg, config.total_steps)))
+  return out
+
+
+def check_config(config):
+  """Raises ObjectiveConfigError naming the first bad `objectives.*` key (names that do not
+  exist are the config key check's: config_defaults knows every objective's keys)."""
+  for name in NAMES:
+    cfg = config.objectives[name]
+    weight = cfg.weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+      raise ObjectiveConfigError(f"config key `objectives.{name}.weight` must be a number >= 0; "
+                                 f"got {weight!r}")
+    fraction = cfg.start_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
+        not 0 <= fraction <= 1:
+      raise ObjectiveConfigError(f"config key `objectives.{name}.start_fraction` must be in "
+                                 f"[0, 1]; got {fraction!r}")
+  if float(config.objectives.locca.weight) > 0:
+    from siglip_jax.objectives import locca
+    locca.check_config(config)
+
+
+def build(config, *, towers, text_vocab, mesh):
+  """The objective objects of `configured(config)`, contrastive first."""
+  from siglip_jax.objectives import contrastive, locca
+  classes = {"contrastive": contrastive.Contrastive, "locca": locca.LocCa}
+  return [classes[name](config, towers=towers, text_vocab=text_vocab, mesh=mesh, weight=weight,
+                        start_step=start)
+          for name, weight, start in configured(config)]
+
+
+def active_names(objectives, step):
+  """Names of the objectives on for the update after `step` completed ones."""
+  return frozenset(o.name for o in objectives if step >= o.start_step)
