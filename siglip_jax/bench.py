@@ -57,27 +57,31 @@ def apply_preset(name, env=os.environ):
   return before != (env.get("XLA_FLAGS"), env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
 
 
-def synthetic_batches(config, sharding, vocab, n=2):
+def synthetic_batches(config, sharding, vocab, n=2, objectives=()):
   """`n` distinct batches made on the devices with the batch sharding (nothing crosses PCIe
-  during the timed loop). Images in [-1, 1], tokens in [1, vocab)."""
+  during the timed loop). Images in [-1, 1], tokens in [1, vocab); what the objectives read
+  (the LocCa decoder's passes) from their `synthetic_batch`."""
   import jax
   import jax.numpy as jnp
   b, size, length = config.input.batch_size, config.input.image_size, config.input.text_len
-  shardings = {"image": sharding, "text": sharding}
 
   def make(key):
-    ki, kt = jax.random.split(key)
-    return {"image": jax.random.uniform(ki, (b, size, size, 3), jnp.float32, -1.0, 1.0),
-            "text": jax.random.randint(kt, (b, length), 1, vocab, jnp.int32)}
+    ki, kt, ko = jax.random.split(key, 3)
+    batch = {"image": jax.random.uniform(ki, (b, size, size, 3), jnp.float32, -1.0, 1.0),
+             "text": jax.random.randint(kt, (b, length), 1, vocab, jnp.int32)}
+    for o, k in zip(objectives, jax.random.split(ko, max(len(objectives), 1))):
+      batch.update(o.synthetic_batch(k, b, vocab))
+    return batch
 
-  make = jax.jit(make, out_shardings=shardings)
+  make = jax.jit(make, out_shardings=sharding)
   return [make(jax.random.key(i)) for i in range(n)]
 
 
 def time_train_step(parts, config, steps, warmup):
   """(compile_s, step_s, last loss, peak memory bytes or None) of the configured step."""
   import jax
-  batches = synthetic_batches(config, parts["batch_sharding"], parts["vocab_size"])
+  batches = synthetic_batches(config, parts["batch_sharding"], parts["vocab_size"],
+                              objectives=parts["objectives"])
   state = parts["init"](jax.random.key(config.seed), batches[0])
   t0 = time.perf_counter()
   state, metrics = parts["train_step"](state, batches[0])
@@ -148,7 +152,8 @@ def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
   mm = matmul_tflops(n)
   b = config.input.batch_size
   per_pair = flops.train_flops_per_pair(parts["model"], image_size=config.input.image_size,
-                                        text_len=config.input.text_len, global_batch=b)
+                                        text_len=config.input.text_len, global_batch=b,
+                                        objectives=parts["objectives"])
   pairs_per_s = b / step_s
   tflops = per_pair * pairs_per_s / jax.device_count() / 1e12
   kind = jax.devices()[0].device_kind

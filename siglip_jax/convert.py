@@ -53,7 +53,7 @@ def convert(src, to, out, *, overwrite=False):
   source = inference.read_source(src)
   tokenizer = source.tokenizer()
   if to == "hf":
-    hf.check_exportable(source.spec)   # before anything at `out` is touched
+    hf.check_exportable(hf.sincos_as_table({}, source.spec)[1])   # before `out` is touched
     # Written beside `out`, then moved into place: a failed export never leaves half a folder,
     # nor removes the old one.
     tmp = f"{out}.tmp{os.getpid()}"

@@ -63,6 +63,25 @@ def text_tower_flops(*, text_len, width, depth, mlp_dim, num_heads=None, pool_ty
           + _pool_flops(pool_type, text_len, width, mlp_dim) + head)
 
 
+def decoder_flops(*, tokens, width, depth, mlp_dim, image_tokens, image_width, vocab,
+                  fourier=16):
+  """Forward FLOPs of the LocCa decoder on one example's `tokens` (all its passes side by side:
+  the self-attention matmuls run over all of them, masked) reading `image_tokens` patch tokens
+  of width `image_width`; the vocabulary head over every position (chunked, all computed)."""
+  self_attn = 4 * 2 * tokens * width * width + 2 * 2 * tokens * tokens * width
+  cross = (2 * 2 * tokens * width * width + 2 * 2 * image_tokens * image_width * width
+           + 2 * 2 * tokens * image_tokens * width)
+  mlp = 2 * 2 * tokens * width * mlp_dim
+  return (depth * (self_attn + cross + mlp) + 2 * tokens * fourier * width
+          + 2 * tokens * width * vocab)
+
+
+def image_tokens(image_size, patch_size, pool_type="map"):
+  h, w = _pair(image_size)
+  ph, pw = _pair(patch_size)
+  return (h // ph) * (w // pw) + (1 if pool_type == "tok" else 0)
+
+
 def loss_flops_per_pair(global_batch, emb_dim):
   """Each pair's row of the global B x B logit matrix (ring or gathered: the same count)."""
   return 2 * global_batch * emb_dim
@@ -96,10 +115,15 @@ def forward_flops_per_pair(model, *, image_size, text_len, global_batch):
   return f_img + f_txt + loss_flops_per_pair(global_batch, emb_dim)
 
 
-def train_flops_per_pair(model, *, image_size, text_len, global_batch):
-  """FLOPs of one train step divided by the global batch (forward + backward)."""
-  return TRAIN_MULTIPLIER * forward_flops_per_pair(
-      model, image_size=image_size, text_len=text_len, global_batch=global_batch)
+def train_flops_per_pair(model, *, image_size, text_len, global_batch, objectives=()):
+  """FLOPs of one train step divided by the global batch (forward + backward), with what the
+  objectives besides the contrastive loss add (`forward_flops`: the LocCa decoder's)."""
+  img, _ = _tower_dims(model)
+  extra = sum(o.forward_flops(image_tokens=image_tokens(image_size, img["patch_size"],
+                                                        img["pool_type"]),
+                              image_width=img["width"]) for o in objectives)
+  return TRAIN_MULTIPLIER * (forward_flops_per_pair(
+      model, image_size=image_size, text_len=text_len, global_batch=global_batch) + extra)
 
 
 # Dense bf16 peak TFLOP/s per chip (per JAX device), from the vendors' data sheets. Matched as

@@ -104,6 +104,10 @@ class SigLIP:
 
   # With a LocCa decoder (a workdir or checkpoint trained with objectives.locca).
 
+  @property
+  def has_decoder(self):
+    return self.decoding is not None
+
   def _decoder(self):
     if self.decoding is None:
       raise ValueError("this model has no LocCa decoder: caption/locate/describe need a "

@@ -47,10 +47,10 @@ def _rss_bytes():
 class PerfMeter:
   """Turns the measured pairs/s into the perf/* metrics of one log step."""
 
-  def __init__(self, config, model, *, stream=sys.stdout, enabled=True):
+  def __init__(self, config, model, *, objectives=(), stream=sys.stdout, enabled=True):
     self.flops_per_pair = flops.train_flops_per_pair(
         model, image_size=config.input.image_size, text_len=config.input.text_len,
-        global_batch=config.input.batch_size)
+        global_batch=config.input.batch_size, objectives=objectives)
     self.num_devices = jax.device_count()
     kind = jax.devices()[0].device_kind
     self.peak = flops.peak_tflops(kind, config.get("peak_tflops", 0.0) or 0.0)

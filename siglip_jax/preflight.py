@@ -104,13 +104,12 @@ def per_device_bytes(abstract, shardings):
   return int(sum(jax.tree_util.tree_leaves(sizes)))
 
 
-def abstract_batch(config, batch_sharding, batch_size=None):
+def abstract_batch(example, batch_sharding):
+  """The train step's global batch (`parts["example"]`: image, text and what the objectives
+  read) placed with the batch sharding."""
   import jax
-  import jax.numpy as jnp
-  b = batch_size or config.input.batch_size
-  size, length = config.input.image_size, config.input.text_len
-  return {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sharding),
-          "text": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_sharding)}
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+          for k, v in example.items()}
 
 
 def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
@@ -128,7 +127,7 @@ def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
   params = per_device_bytes(state.params, shard.params)
   opt = per_device_bytes(state.opt_state, shard.opt_state)
   other = per_device_bytes(state, shard) - params - opt
-  batch = abstract_batch(config, parts["batch_sharding"])
+  batch = abstract_batch(parts["example"], parts["batch_sharding"])
   batch_bytes = per_device_bytes(batch, {k: v.sharding for k, v in batch.items()})
   t0 = time.perf_counter()
   compiled = parts["train_step"].lower(_with_shardings(state, shard), batch).compile()
@@ -145,7 +144,8 @@ def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
   # and cuDNN attention as zero, so it is not used here.
   step_flops = flops.train_flops_per_pair(
       parts["model"], image_size=config.input.image_size, text_len=config.input.text_len,
-      global_batch=config.input.batch_size) * config.input.batch_size / jax.device_count()
+      global_batch=config.input.batch_size, objectives=parts["objectives"]
+  ) * config.input.batch_size / jax.device_count()
   g = lambda x: round(x / GIB, 3)  # noqa: E731
   sig = lambda x: float(f"{x:.3g}")  # noqa: E731
   return {

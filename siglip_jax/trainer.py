@@ -197,7 +197,8 @@ def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
   evaluation ({} when preempted)."""
   total = config.total_steps
   progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
-  perf_meter = perf.PerfMeter(config, parts["model"], enabled=is_main)
+  perf_meter = perf.PerfMeter(config, parts["model"], objectives=parts["objectives"],
+                              enabled=is_main)
   final = {}
   wait_s = 0.0
   for step_no in range(first + 1, total + 1):

@@ -97,3 +97,29 @@ def pytest_configure(config):
                           "-m 'not slow' for the fast subset)")
   config.addinivalue_line("markers", "accelerator: also run on a GPU/TPU (models, losses, step, "
                           "checkpoints, export): JAX_PLATFORMS=cuda pytest -m accelerator")
+
+
+# Markers by module (one table, so a new test file is placed in one line): `slow` holds what
+# trains or runs CLI subprocesses, `accelerator` what the GPU issue also runs on a device.
+SLOW_MODULES = {
+    "test_multiprocess.py", "test_resume.py", "test_scripts.py", "test_cli_errors.py",
+    "test_evaluate_cli.py", "test_bench.py", "test_webdataset_train.py", "test_notebook.py",
+    "test_load_convert.py", "test_checkpoint_damage.py", "test_workdir_lease.py",
+    "test_tensorboard.py", "test_check.py", "test_preflight.py", "test_remote_workdir.py",
+    "test_perf.py", "test_hostile_values.py", "test_locca_step.py", "test_locca_run.py",
+}
+ACCELERATOR_MODULES = {
+    "test_numerics.py", "test_param_layout.py", "test_losses.py", "test_ring_loss.py",
+    "test_step.py", "test_checkpoint.py", "test_checkpoint_fingerprint.py", "test_hf.py",
+    "test_big_vision.py", "test_chunked_xent.py", "test_locca.py", "test_mesh.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    name = item.path.name
+    if name in SLOW_MODULES:
+      item.add_marker(pytest.mark.slow)
+    if name in ACCELERATOR_MODULES:
+      item.add_marker(pytest.mark.accelerator)

@@ -6,8 +6,6 @@ import pytest
 
 from siglip_jax import chunked_xent as cx
 
-pytestmark = pytest.mark.accelerator
-
 
 def _numpy_nll_and_grads(h, k, b, t, w):
   """float64 reference of sum_i w_i * nll_i and its gradients, by hand."""

@@ -59,6 +59,17 @@ def test_user_mistakes_are_one_line(tmp_path):
       (["--config.input.data=folder", f"--config.input.dir={bad_data}"], ["usable"]),
       (["--config.total_steps=abc"], ["total_steps"]),
       (["--no_such_flag=1"], ["no_such_flag"]),
+      # The objectives (SigLIP 2): a name that does not exist, bad weights and fractions,
+      # a decoder on captionless data, a decoder text too short for a box.
+      (["--config.objectives.lcoca.weight=1"], ["`objectives.lcoca.weight`",
+                                                "`objectives.locca.weight`"]),
+      (["--config.objectives.locca.weight=-1"], ["`objectives.locca.weight`"]),
+      (["--config.objectives.locca.start_fraction=1.5"],
+       ["`objectives.locca.start_fraction`"]),
+      (["--config.objectives.locca.weight=1", "--config.input.data=synthetic"],
+       ["`objectives.locca`", "synthetic"]),
+      (["--config.objectives.locca.weight=1", "--config.input.decoder_len=4"],
+       ["`input.decoder_len`"]),
   ]
   runs = [(TRAIN, _tiny(wd, *args), None) for args, _ in cases]
   runs += [(TRAIN, TINY_DEMO + [f"--workdir={afile}"], None),

@@ -56,3 +56,28 @@ def test_peak_table():
   assert flops.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
   assert flops.peak_tflops("cpu") is None
   assert flops.peak_tflops("cpu", override=1.5) == 1.5
+
+
+def test_decoder_flops_match_xla():
+  """The LocCa decoder (two blocks, three passes of 12 tokens, 25 image tokens)."""
+  from siglip_jax.models import decoder as decoder_lib
+  dec = decoder_lib.Decoder(text_vocab=200, loc_bins=32, width=64, depth=2, num_heads=4,
+                            max_len=12, mlp_dim=256)
+  b, t, n, di = 4, 36, 25, 48
+  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  image = jax.ShapeDtypeStruct((b, n, di), jnp.float32)
+  segments = jnp.repeat(jnp.arange(3), 12)[None].repeat(b, 0)
+  params = jax.eval_shape(lambda x, i: dec.init(jax.random.key(0), x, segments, i,
+                                                method=dec.init_all), tokens, image)
+
+  def loss(p, x, i):
+    logits = dec.apply(p, x, segments, i, method=dec.init_all)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[..., None], -1))
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens, image).compile()
+  cost = compiled.cost_analysis()
+  xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  analytic = b * flops.TRAIN_MULTIPLIER * flops.decoder_flops(
+      tokens=t, width=64, depth=2, mlp_dim=256, image_tokens=n, image_width=di,
+      vocab=decoder_lib.vocab_size(200, 32))
+  assert abs(analytic - xla) / xla < 0.10, (analytic, xla)

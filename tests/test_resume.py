@@ -1,7 +1,9 @@
 """End to end: the real trainer, preempted (SIGTERM) or killed (SIGKILL), resumes exactly.
 
-Each run is `python -m siglip_jax.train` on a tiny demo model, as a user would start it; the
-reference is the same command run once without interruption.
+Each run is `python -m siglip_jax.train` on a tiny model of the SigLIP 2 demo (the sigmoid loss
+and the LocCa decoder on the scenes set: the decoder's parameters and optimizer state, and the
+regions in the data, resume with the rest), as a user would start it; the reference is the same
+command run once without interruption.
 """
 import json
 import os
@@ -23,14 +25,15 @@ TINY = ["--config.model.image.depth=1", "--config.model.text.depth=1",
         "--config.model.image.width=64", "--config.model.text.width=64",
         "--config.model.image.mlp_dim=128", "--config.model.text.mlp_dim=128",
         "--config.model.out_dim=(None, 64)",
+        "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
         "--config.input.batch_size=32", "--config.optim.schedule.warmup_steps=2",
-        "--config.evals.shapes.every_steps=0", "--config.evals.shapes.batch_size=64",
+        "--config.evals.scenes.every_steps=0",
         f"--config.total_steps={TOTAL}", "--config.log_every_steps=1"]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
 def _start(workdir, every_steps, log):
-  cmd = [sys.executable, "-m", "siglip_jax.train", "--config=configs/demo.py",
+  cmd = [sys.executable, "-m", "siglip_jax.train", "--config=configs/siglip2_demo.py",
          f"--workdir={workdir}", f"--config.checkpoint.every_steps={every_steps}", *TINY]
   return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
@@ -85,6 +88,7 @@ def _assert_matches_reference(workdir, reference):
     assert loss == ref_losses[s], f"step {s}: {loss} != {ref_losses[s]} (uninterrupted)"
   params = checkpoint.read_params(workdir)
   assert params.keys() == ref_params.keys()
+  assert any(k.startswith("decoder/") for k in params)
   for name, value in params.items():
     assert np.array_equal(value, ref_params[name]), name
 

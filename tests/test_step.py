@@ -1,12 +1,9 @@
 """The one jitted train step on the real TrainState, as training builds it (`trainer.build`)."""
 import jax
 import numpy as np
-import pytest
 
 from conftest import TINY_DEMO
 from siglip_jax import cli, trainer
-
-pytestmark = pytest.mark.accelerator
 
 
 def _tiny_config():

@@ -36,10 +36,11 @@ def box_to_tokens(box, text_vocab, loc_bins):
 
 def tokens_to_box(tokens, text_vocab, loc_bins):
   """4 location token ids (y0 x0 y1 x1) -> [x0, y0, x1, y1] at bin centres; a token outside the
-  location range is clipped into it."""
+  location range is clipped into it, and swapped corners (a decoder may emit them) are put in
+  order, so the box is never inverted."""
   bins = np.clip(np.asarray(tokens, np.int64) - text_vocab, 0, loc_bins - 1)
   y0, x0, y1, x1 = (bins + 0.5) / loc_bins
-  return [x0, y0, x1, y1]
+  return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
 
 
 def min_decoder_len():

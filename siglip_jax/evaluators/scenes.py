@@ -72,6 +72,8 @@ class ScenesEvaluator:
     ztxt = model.encode_strings([s["texts"] for s in split])
     recall = retrieval.recall_at_k(zimg, ztxt, range(len(split)), ks=(1,))
     out["retrieval_i2t_r1"], out["retrieval_t2i_r1"] = recall["i2t_r1"], recall["t2i_r1"]
+    if not model.has_decoder:   # SigLIP 1 on scenes (locca off): the towers' metrics only
+      return out
     captions = model.caption(images)
     out["caption_acc"] = float(np.mean([same_pairs(c, s["pairs"])
                                         for c, s in zip(captions, split)]))
@@ -89,7 +91,8 @@ class ScenesEvaluator:
     return out
 
   def run(self, model):
-    """`model`: an inference handle with a decoder (`caption`, `locate`, `describe`)."""
+    """`model`: an inference handle; the decoder's metrics need one with a decoder (`caption`,
+    `locate`, `describe`), the retrieval ones do not."""
     results = {}
     for split, suffix in (("heldout", ""), ("unseen", "_unseen")):
       for k, v in self._one(model, split).items():

@@ -181,9 +181,24 @@ def export_warnings(spec, tokenizer=None):
   return out
 
 
+def sincos_as_table(flat, spec):
+  """A fixed 2-D sin-cos image position embedding written out as the table it is: HF SigLIP's
+  learned `position_embedding` then holds exactly the values the model adds (at the trained
+  image size). -> (flat, spec) with posemb "learn"; others unchanged."""
+  image = spec["image"]
+  if image.get("posemb", "learn") != "sincos2d":
+    return flat, spec
+  from siglip_jax.models.vit import posemb_sincos_2d
+  ph, pw = image["patch_size"]
+  flat = {**flat, "img/pos_embedding": np.asarray(posemb_sincos_2d(
+      spec["image_size"] // ph, spec["image_size"] // pw, image["width"]), np.float32)}
+  return flat, {**spec, "image": {**image, "posemb": "learn"}}
+
+
 def save(flat, spec, out, tokenizer=None):
   """Writes an HF SigLIP folder at `out` (created; files in it replaced)."""
   from safetensors.numpy import save_file
+  flat, spec = sincos_as_table(flat, spec)
   check_exportable(spec)
   flat = big_vision.unscan(flat)
   big_vision.check_params(flat, spec, "the model to export")

@@ -10,7 +10,7 @@ or the backward pass, so Gemma's 256k vocabulary fits.
 import jax
 import jax.numpy as jnp
 
-from siglip_jax import chunked_xent
+from siglip_jax import chunked_xent, flops
 from siglip_jax.data import decoder_text
 from siglip_jax.models import decoder as decoder_lib
 from siglip_jax.objectives.registry import Objective, ObjectiveConfigError
@@ -93,9 +93,25 @@ class LocCa(Objective):
     self.decoder_len = int(config.input.decoder_len)
     self.chunk = int(config.objectives.locca.vocab_chunk)
 
+  def forward_flops(self, *, image_tokens, image_width):
+    d = self.decoder
+    return flops.decoder_flops(
+        tokens=len(decoder_lib.TASKS) * self.decoder_len, width=d.width, depth=d.depth,
+        mlp_dim=d.mlp_dim or 4 * d.width, image_tokens=image_tokens, image_width=image_width,
+        vocab=decoder_lib.vocab_size(d.text_vocab, d.loc_bins), fourier=decoder_lib.NUM_FOURIER)
+
   def batch_spec(self, config):
     shape = (len(decoder_lib.TASKS) * self.decoder_len,)
     return {k: (shape, jnp.int32) for k in BATCH_KEYS}
+
+  def synthetic_batch(self, key, batch_size, text_vocab):
+    """Every pass full: random text tokens as inputs and targets, each pass its task."""
+    shape = (batch_size, len(decoder_lib.TASKS) * self.decoder_len)
+    ki, kt = jax.random.split(key)
+    task = jnp.broadcast_to(segments(1, self.decoder_len), shape)
+    return {"dec_inputs": jax.random.randint(ki, shape, 1, text_vocab, jnp.int32),
+            "dec_targets": jax.random.randint(kt, shape, 1, text_vocab, jnp.int32),
+            "dec_task": task}
 
   def _hidden(self, decoder_params, batch, tower_out):
     inputs = batch["dec_inputs"]

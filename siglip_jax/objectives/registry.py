@@ -22,9 +22,19 @@ class Objective:
     del rng, batch, tower_out
     return {}
 
+  def forward_flops(self, *, image_tokens, image_width):
+    """Forward matmul FLOPs per example beyond the towers and the contrastive loss."""
+    del image_tokens, image_width
+    return 0
+
   def batch_spec(self, config):
     """{key: (shape after the batch axis, dtype)} of the batch entries it reads."""
     del config
+    return {}
+
+  def synthetic_batch(self, key, batch_size, text_vocab):
+    """Random batch entries of `batch_spec`'s shapes with valid values (bench's data)."""
+    del key, batch_size, text_vocab
     return {}
 
 

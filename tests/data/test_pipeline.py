@@ -196,7 +196,6 @@ def test_caption_choice_and_crops_depend_on_slot_not_process(tmp_path):
 # ------------------------------------------------ the demo set: a source like any other
 
 def _shapes_config(**input_overrides):
-  import ml_collections
   from siglip_jax import config_defaults
   c = config_defaults.base()
   c.seed, c.total_steps = 0, 10

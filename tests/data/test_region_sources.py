@@ -3,7 +3,6 @@
 `check` counts regions and bad regions exactly."""
 import io
 import json
-import os
 import tarfile
 
 import numpy as np

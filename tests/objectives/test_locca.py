@@ -10,8 +10,6 @@ from siglip_jax.data.tokenizer import Tokenizer
 from siglip_jax.models import decoder as decoder_lib
 from siglip_jax.objectives import locca
 
-pytestmark = pytest.mark.accelerator
-
 TEXT_VOCAB, LOC_BINS, LENGTH = 256, 16, 12
 
 
