@@ -75,7 +75,6 @@ def test_layout_of_the_hf_tensors(tmp_path):
     ({"text": {"pool_type": "first"}}, "text pooling is 'first'"),
     ({"out_dim": (None, 32)}, "text head's width 32 differs"),
     ({"bias_init": None}, "no logit bias"),
-    ({"image": {"posemb": "sincos2d"}}, "position embedding is 'sincos2d'"),
 ])
 def test_models_hf_cannot_hold_are_refused(tmp_path, change, words):
   spec = {k: ({**v, **change[k]} if isinstance(v, dict) and k in change else change.get(k, v))
@@ -84,6 +83,21 @@ def test_models_hf_cannot_hold_are_refused(tmp_path, change, words):
     hf.save({}, spec, tmp_path / "hf")
   assert words in str(e.value)
   assert not (tmp_path / "hf").exists()
+
+
+def test_a_sincos_position_embedding_is_exported_as_its_table():
+  """HF's learned table then adds exactly what the model adds (parity of a whole sincos2d model
+  in transformers: tests/objectives/test_locca_run.py)."""
+  from siglip_jax.models.vit import posemb_sincos_2d
+  spec = {**SPEC, "image": {**SPEC["image"], "posemb": "sincos2d"}}
+  flat, out = hf.sincos_as_table({"img/x": 1}, spec)
+  assert out["image"]["posemb"] == "learn" and spec["image"]["posemb"] == "sincos2d"
+  ph, pw = SPEC["image"]["patch_size"]
+  grid = (SPEC["image_size"] // ph, SPEC["image_size"] // pw)
+  np.testing.assert_array_equal(flat["img/pos_embedding"],
+                                posemb_sincos_2d(*grid, SPEC["image"]["width"]))
+  assert flat["img/x"] == 1
+  hf.check_exportable(out)
 
 
 def test_tokenizer_files_load_in_transformers(tmp_path):
