@@ -67,6 +67,9 @@ def test_locca_step_on_4_devices_with_fsdp_and_the_ring_equals_1_device(monkeypa
 
 
 def test_bench_and_preflight_run_the_decoder_and_count_its_flops(monkeypatch, repo):
+  """bench times the real step on synthetic decoder passes; preflight compiles it on the
+  batch the objectives read; both count the decoder's FLOPs (flops.py against XLA:
+  tests/test_flops.py)."""
   from siglip_jax import bench, flops, preflight
   monkeypatch.chdir(repo)
   config = _config((("data", 1),), ((".*", "replicate"),))
@@ -74,13 +77,15 @@ def test_bench_and_preflight_run_the_decoder_and_count_its_flops(monkeypatch, re
                       lambda spec: MAKE_MESH(spec, devices=jax.devices()[:1]))
   parts = trainer.build(config)
   (locca,) = [o for o in parts["objectives"] if o.name == "locca"]
-  towers_only = flops.train_flops_per_pair(parts["model"], image_size=48, text_len=20,
-                                           global_batch=16)
-  # 36 patch tokens of width 32; three passes of 20 tokens.
-  decoder = 3 * locca.forward_flops(image_tokens=36, image_width=32)
-  assert decoder > 0
-  got = bench.run(config, steps=1, warmup=0, matmul_size=64)
-  assert np.isfinite(got["loss"])
-  assert got["gflop_per_pair"] == round((towers_only + decoder) / 1e9, 2)
-  est = preflight.estimate(config)
-  assert est["tflop_per_device_step"] == float(f"{(towers_only + decoder) * 16 / 1e12:.3g}")
+  batch = bench.synthetic_batches(config, parts["batch_sharding"], parts["vocab_size"], n=1,
+                                  objectives=parts["objectives"])[0]
+  assert set(batch) == set(preflight.abstract_batch(parts["example"], parts["batch_sharding"]))
+  assert {"dec_inputs", "dec_targets", "dec_task"} <= set(batch)
+  _, _, loss, _ = bench.time_train_step(parts, config, steps=1, warmup=0)
+  assert np.isfinite(loss)
+  towers = flops.train_flops_per_pair(parts["model"], image_size=48, text_len=20,
+                                      global_batch=16)
+  both = flops.train_flops_per_pair(parts["model"], image_size=48, text_len=20,
+                                    global_batch=16, objectives=parts["objectives"])
+  # 36 patch tokens of width 32 read by three passes of 20 tokens.
+  assert both - towers == 3 * locca.forward_flops(image_tokens=36, image_width=32) > 0
