@@ -26,7 +26,8 @@ TINY = ["--config.model.image.depth=1", "--config.model.text.depth=1",
         "--config.model.image.mlp_dim=128", "--config.model.text.mlp_dim=128",
         "--config.model.out_dim=(None, 64)",
         "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
-        "--config.input.batch_size=32", "--config.optim.schedule.warmup_steps=2",
+        "--config.input.batch_size=16", "--config.input.image_size=32",
+        "--config.optim.schedule.warmup_steps=2",
         "--config.evals.scenes.every_steps=0",
         f"--config.total_steps={TOTAL}", "--config.log_every_steps=1"]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")

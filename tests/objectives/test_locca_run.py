@@ -16,6 +16,7 @@ from conftest import run_module
 
 TINY_SIGLIP2 = [
     "--config=configs/siglip2_demo.py", "--config.input.batch_size=16",
+    "--config.input.image_size=32",
     "--config.model.image.depth=1", "--config.model.image.width=32",
     "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
     "--config.model.text.depth=1", "--config.model.text.width=32",

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 simulate
 def _config(mesh, rules):
   config = cli.load_config_file("configs/siglip2_demo.py")
   config.input.batch_size = 16
+  config.input.image_size = 32
   config.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2)
   config.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
   config.model.out_dim = (None, 32)
@@ -83,9 +84,9 @@ def test_bench_and_preflight_run_the_decoder_and_count_its_flops(monkeypatch, re
   assert {"dec_inputs", "dec_targets", "dec_task"} <= set(batch)
   _, _, loss, _ = bench.time_train_step(parts, config, steps=1, warmup=0)
   assert np.isfinite(loss)
-  towers = flops.train_flops_per_pair(parts["model"], image_size=48, text_len=20,
+  towers = flops.train_flops_per_pair(parts["model"], image_size=32, text_len=20,
                                       global_batch=16)
-  both = flops.train_flops_per_pair(parts["model"], image_size=48, text_len=20,
+  both = flops.train_flops_per_pair(parts["model"], image_size=32, text_len=20,
                                     global_batch=16, objectives=parts["objectives"])
-  # 36 patch tokens of width 32 read by three passes of 20 tokens.
-  assert both - towers == 3 * locca.forward_flops(image_tokens=36, image_width=32) > 0
+  # 16 patch tokens of width 32 read by three passes of 20 tokens.
+  assert both - towers == 3 * locca.forward_flops(image_tokens=16, image_width=32) > 0
