@@ -135,7 +135,7 @@ def make_optimizer(params, optim_cfg, total_steps):
         optax.add_decayed_weights(wd) if wd and decay == "wd" else optax.identity(),
         optax.scale_by_schedule(lambda step: -float(mult) * lr_fn(step)))
 
-  groups = {l: group(l) for l in set(jax.tree_util.tree_leaves(labels)) if l != "frozen"}
+  groups = {l: group(l) for l in sorted(set(jax.tree_util.tree_leaves(labels))) if l != "frozen"}
   groups["frozen"] = optax.set_to_zero()
   clip = _get(optim_cfg, "clip_norm", None)
   tx = optax.chain(

@@ -28,9 +28,16 @@ TINY = ["--config.model.image.depth=1", "--config.model.text.depth=1",
         "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
         "--config.input.batch_size=16", "--config.input.image_size=32",
         "--config.optim.schedule.warmup_steps=2",
-        "--config.evals.scenes.every_steps=0",
+        "--config.evals.scenes.every_steps=0", "--config.evals.scenes.num_heldout=16",
+        "--config.evals.scenes.num_unseen=16",
         f"--config.total_steps={TOTAL}", "--config.log_every_steps=1"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+# The session's compilation cache (conftest) for every program, and its log lines: a restart
+# must find every program the reference run compiled (one that lowers differently from process
+# to process, e.g. by iterating a set of strings, is compiled again at every restart).
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+CACHE_MISS = "PERSISTENT COMPILATION CACHE MISS"
 
 
 def _start(workdir, every_steps, log):
@@ -115,8 +122,13 @@ def test_sigterm_then_resume_is_exact(tmp_path, reference):
   assert rc == 0 and took < 60, text[-3000:]
   saved = int(re.search(r"preempted: saved step (\d+)", text).group(1))
   assert 3 <= saved < TOTAL and saved in _committed(workdir)
-  text = _run(workdir, 10, log_path)
+  with open(log_path, "a") as log:
+    log.write("\n=== restart\n")
+  text = _run(workdir, 10, log_path).rsplit("=== restart", 1)[-1]
   assert f"resuming at step {saved}" in text
+  misses = [line for line in text.splitlines() if CACHE_MISS in line]
+  assert not misses, "the restart compiled again what the reference run compiled:\n" + \
+      "\n".join(misses)
   _assert_matches_reference(workdir, reference)
 
 
