@@ -39,11 +39,26 @@ def _scalars(metrics):
   return out
 
 
+def _import_tensorboardx():
+  """tensorboardX, imported without torch: its writer imports torch (when installed) only to
+  accept torch tensors, which are never passed here, and that costs 1-2 s per process start."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None   # makes `import torch` raise ImportError, for this import only
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
 class TensorBoardWriter:
   """`write(step, {tag: value})`, flushed per write; `close()`."""
 
   def __init__(self, logdir):
-    import tensorboardX
+    tensorboardX = _import_tensorboardx()
     self._url = logdir if paths.is_remote(logdir) else None
     self._local = tempfile.mkdtemp(prefix="siglip_jax_tb_") if self._url else logdir
     # Names carry the second the file was opened: a random suffix keeps two writers opened in
