@@ -51,3 +51,38 @@ def test_non_finite_step_keeps_the_weights_and_records_the_step(monkeypatch, rep
                          jax.device_get(state.params)["img"], before["img"])
   assert any(jax.tree.leaves(changed))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_loss_kinds_train_alike_on_four_devices(monkeypatch, repo):
+  """`loss.kind` as training builds it on a 4-device mesh: the ring, all-gather and plain
+  sigmoid losses take the same two steps from the same state (the second step's loss is that
+  of the first update: the weights are not compared entry by entry, as Adam's first step moves
+  a weight by ~lr whatever its gradient's size, so float noise in a near-zero gradient shows);
+  softmax trains too (its own loss)."""
+  from siglip_jax import mesh as mesh_lib
+  if len(jax.devices()) < 4:
+    import pytest
+    pytest.skip("needs 4 simulated CPU devices")
+  make_mesh = mesh_lib.make_mesh
+  monkeypatch.setattr(trainer.mesh_lib, "make_mesh",
+                      lambda spec: make_mesh(spec, devices=jax.devices()[:4]))
+  monkeypatch.chdir(repo)
+  config = _tiny_config()
+  config.mesh = (("data", 4),)
+  first = None
+  losses = {}
+  for kind in ("sigmoid_ring", "sigmoid_gather", "sigmoid", "softmax"):
+    config.loss.kind = kind
+    parts = trainer.build(config)
+    batches = [_batch(config, parts), _batch(config, parts, image_value=0.5)]
+    if first is None:
+      first = jax.device_get(parts["init"](jax.random.key(0), batches[0]))
+    state = jax.device_put(first, parts["state_sharding"])   # a fresh copy: the step donates it
+    losses[kind] = []
+    for batch in batches:
+      state, metrics = parts["train_step"](state, batch)
+      losses[kind].append(float(metrics["train/loss"]))
+  for kind in ("sigmoid_gather", "sigmoid"):
+    np.testing.assert_allclose(losses[kind], losses["sigmoid_ring"], rtol=1e-5, err_msg=kind)
+  assert np.all(np.isfinite(losses["softmax"]))
+  assert abs(losses["softmax"][0] - losses["sigmoid_ring"][0]) > 1e-3

@@ -94,13 +94,14 @@ def _setup(parallel):
   dec = decoder_lib.Decoder(text_vocab=TEXT_VOCAB, loc_bins=LOC_BINS, width=16, depth=1,
                             num_heads=2, max_len=LENGTH, mlp_dim=24)
   image = np.random.default_rng(0).normal(size=(2, 5, 12)).astype(np.float32)
-  params = dec.init(jax.random.key(0), batch["dec_inputs"], locca.segments(2, LENGTH),
-                    image, method=decoder_lib.Decoder.init_all)["params"]
+  # Jitted: run eagerly, every small op of the init would be compiled on its own.
+  init = jax.jit(lambda key, inputs, seg, image: dec.init(
+      key, inputs, seg, image, method=decoder_lib.Decoder.init_all)["params"])
+  params = init(jax.random.key(0), batch["dec_inputs"], locca.segments(2, LENGTH), image)
   # A non-zero head (its init is zeros) so that the gradients reach every parameter.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape)
-                                        for x, k in zip(leaves, keys)])
+  noise = np.random.default_rng(1)
+  params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.3) * noise.standard_normal(
+      x.shape, np.float32), params)
   return dec, params, batch, image
 
 
@@ -123,7 +124,8 @@ def test_loss_and_gradients_match_float64_numpy(parallel):
     assert first[0] == special["caption"] and set(first[1:][first[1:] != 0]) == {special["mask"]}
   loss_fn = _jax_loss(dec, chunk=64)   # 64 < the 276 ids: several chunks, the last one short
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-  value, (g_params, g_image) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, image, jbatch)
+  value, (g_params, g_image) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(
+      params, image, jbatch)
   p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   img64 = image.astype(np.float64)
   ref = _numpy_loss(p64, batch, img64)
