@@ -46,7 +46,7 @@ def test_multi_object_scenes_share_words_and_unseen_pairs_stay_in_their_split():
              or len({sh for _, sh in s["pairs"]}) < len(s["pairs"])]
   assert len(sharing) >= 0.3 * len(multi)
   unseen = set(shapes.UNSEEN_PAIRS)
-  train = [ds.train_record(i) for i in range(400)]
+  train = ds.train_records(range(400))
   assert not any(tuple(p) in unseen for s in held for p in s["pairs"])
   assert not any(p in unseen for r in train for p in scenes.parse_pairs(r["texts"])[0])
   _, unseen_split = _scenes("unseen", n=50)
@@ -54,10 +54,12 @@ def test_multi_object_scenes_share_words_and_unseen_pairs_stay_in_their_split():
 
 
 def test_scenes_are_a_pure_function_of_seed_stream_and_index():
-  a = scenes.ScenesDataset(seed=3, image_size=48).train_record(17)
-  b = scenes.ScenesDataset(seed=3, image_size=48).train_record(17)
-  c = scenes.ScenesDataset(seed=4, image_size=48).train_record(17)
+  a = scenes.ScenesDataset(seed=3, image_size=48).train_records([17])[0]
+  # Rendered in a batch with others (as the loader reads them): the same scene.
+  b = scenes.ScenesDataset(seed=3, image_size=48).train_records(range(5, 40))[12]
+  c = scenes.ScenesDataset(seed=4, image_size=48).train_records([17])[0]
   assert np.array_equal(a["image"], b["image"]) and a["regions"] == b["regions"]
+  assert a["texts"] == b["texts"] and a["key"] == b["key"] == "scenes:17"
   assert not np.array_equal(a["image"], c["image"])
   _, h1 = _scenes("heldout", n=5)
   _, h2 = _scenes("heldout", n=5)
