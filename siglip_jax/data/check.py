@@ -49,9 +49,9 @@ def verdicts(source, start, stop, image_size=224):
     rec = source[i]
     try:
       pre.check(rec)
-      carried = None
-      if regions_lib.raw_regions(rec) is not None:
-        good, bad = regions_lib.parse(rec)
+      carried, regions = None, regions_lib.raw_regions(rec)
+      if regions is not None:
+        good, bad = regions_lib.parse_regions(regions)
         carried = (len(good), bad)
       out.append((i, rec.get("key", str(i)), None, carried))
     except pp.BadRecord as e:

@@ -87,9 +87,10 @@ def prepare(source, out, *, records_per_file=10_000, drop_bad=True, workers=0):
                                                        "group_size:1")
         in_file = 0
       rec = source[i]
-      good, bad = regions_lib.parse(rec)
+      carried = regions_lib.raw_regions(rec)
+      good, bad = regions_lib.parse_regions(carried)
       regions[0], regions[1] = regions[0] + len(good), regions[1] + bad
-      writer.write(sources.encode_record(rec))
+      writer.write(sources.encode_record(rec, None if carried is None else good))
       in_file += 1
       written += 1
   finally:

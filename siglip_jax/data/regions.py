@@ -55,7 +55,11 @@ def raw_regions(raw):
 
 def parse(raw):
   """-> (valid regions as {"box": [4 floats], "caption": str}, number dropped as invalid)."""
-  regions = raw_regions(raw)
+  return parse_regions(raw_regions(raw))
+
+
+def parse_regions(regions):
+  """`parse` of what `raw_regions` returned (for callers that read it already)."""
   if regions is None:
     return [], 0
   if not isinstance(regions, (list, tuple)):
