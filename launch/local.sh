@@ -173,11 +173,12 @@ on_signal() {  # $1: the signal received, $2: the signal to pass on
     stop_all TERM
   fi
 }
-trap 'on_signal TERM TERM' TERM
-trap 'on_signal INT INT' INT
-# The processes have their own sessions, so a closed terminal reaches only this script: treat
-# it as a preemption (save and stop) rather than leave them running unattended.
-trap 'on_signal HUP TERM' HUP
+# While the processes are being started a signal is only noted: handled at once, it would reach
+# the processes started so far and miss the rest (which then run on alone).
+pending=()
+trap 'pending=(TERM TERM)' TERM
+trap 'pending=(INT INT)' INT
+trap 'pending=(HUP TERM)' HUP
 
 echo "local.sh: $nproc processes x $ndev CPU devices, coordinator 127.0.0.1:$port," \
   "logs in $logdir/process_<i>.log" >&2
@@ -186,15 +187,23 @@ for ((i = 0; i < nproc; i++)); do
   echo "=== local.sh: process $i of $nproc, $ndev devices, coordinator 127.0.0.1:$port," \
     "$(date '+%Y-%m-%d %H:%M:%S')" >>"$log"
   process_command "$i"
+  # Process 0's output is echoed from here on (measured before it starts: it may write at once).
+  size=$(stat -c %s "$log" 2>/dev/null || echo 0)
   # `trap - INT`: a background job of a script would otherwise start with SIGINT ignored.
   (trap - INT TERM; exec "${cmd[@]}" >>"$log" 2>&1 </dev/null) &
   pids+=("$!")
   if ((i == 0)); then
-    size=$(stat -c %s "$log" 2>/dev/null || echo 0)
     tail -c "+$((size + 1))" -F --pid="$!" "$log" 2>/dev/null &
     tail_pid=$!
   fi
 done
+
+trap 'on_signal TERM TERM' TERM
+trap 'on_signal INT INT' INT
+# The processes have their own sessions, so a closed terminal reaches only this script: treat
+# it as a preemption (save and stop) rather than leave them running unattended.
+trap 'on_signal HUP TERM' HUP
+if ((${#pending[@]})); then on_signal "${pending[@]}"; fi
 
 # Wait for every process; the first failure stops the others.
 status=0
