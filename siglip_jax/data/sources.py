@@ -127,15 +127,18 @@ class _Skip(Exception):
 
 # ------------------------------------------------------------------------ ArrayRecord (prepared)
 
-def encode_record(rec, valid_regions=None):
+_UNPARSED = object()
+
+
+def encode_record(rec, valid_regions=_UNPARSED):
   """A raw record -> bytes: 4-byte length, JSON header (key, texts, its valid regions if it
   carries any: `prepare` counts the bad ones), then the image bytes. `valid_regions`: the
-  record's valid regions where the caller parsed them already (None: parsed here)."""
+  record's valid regions where the caller parsed them already (None: it carries none)."""
   texts = rec.get("texts")
   from siglip_jax.data import regions as regions_lib
   from siglip_jax.data.preprocess import caption_list
   head = {"key": rec.get("key", ""), "texts": None if texts is None else caption_list(texts)}
-  if valid_regions is None:
+  if valid_regions is _UNPARSED:
     carried = regions_lib.raw_regions(rec)
     valid_regions = None if carried is None else regions_lib.parse_regions(carried)[0]
   if valid_regions is not None:
