@@ -37,11 +37,22 @@ def get_config(arg=None):
   # 2,500 steps; docs/performance.md, "The SigLIP 2 demo").
   c.objectives.locca.parallel_fraction = 0.25
 
+  # Stage B (SILC + TIPS against an EMA teacher) for the last 20% of the steps, as SigLIP 2.
+  # Heads sized for a width-128 tower; 24 px local crops are 3x3 patches of the 6x6 grid.
+  for name in ("silc", "tips"):
+    c.objectives[name].update(head_hidden=512, head_bottleneck=128, head_dim=1024,
+                              head_lr_mult=1.0)
+  c.objectives.silc.weight = 1.0 * 0.25     # SigLIP 2's weights at B's size factor
+  c.objectives.tips.weight = 0.25 * 0.25
+  c.objectives.silc.update(n_local=4, local_size=24, local_scale=(0.1, 0.4))
+  c.objectives.teacher.update(momentum=0.99, global_scale=(0.4, 1.0), flip=True)
+
   c.optim.schedule.warmup_steps = 100
   # As in the demo: the text transformer near its init composes colour and shape words.
   c.optim.lr_mults = (("txt/(Embed_0|Encoder_0|pos_embedding).*", 0.1),)
 
   c.checkpoint.every_steps = 500
   # Evaluated at the end only (decoding 768 scenes three ways costs half a minute here).
-  c.evals.scenes = dict(kind="scenes", every_steps=2700, num_heldout=512, num_unseen=256)
+  c.evals.scenes = dict(kind="scenes", every_steps=2700, num_heldout=512, num_unseen=256,
+                        num_probe_train=1024)   # the dense probe's training scenes
   return c

@@ -6,7 +6,13 @@ r"""SigLIP B/16 at 224 px (text B, vocab 32000, 64 tokens): the GPU speed target
         --chip=H100
 
 The optional argument after ':' picks another image variant ("L/16", "So400m/14", "g/14"); the
-text tower takes the same width/depth (as published SigLIP pairs them). The benchmark and the
+text tower takes the same width/depth (as published SigLIP pairs them). `,siglip2` adds SigLIP 2's
+objectives: LocCa (weight 1) from the start, SILC and TIPS from 80% of the steps with weights 1
+and 0.25 times the variant's size factor (0.25 / 0.5 / 1.0 / 0.5 for B / L / So400m / g;
+`config_defaults.SIZE_FACTORS`), 8 local crops of 96 px:
+
+    python -m siglip_jax.preflight --config=configs/siglip_b16_224.py:B/16,siglip2 --devices=8 \
+        --config.mesh="(('fsdp', 8),)" --config.sharding_rules="(('.*', 'fsdp'),)" The benchmark and the
 preflight feed synthetic batches; training reads real data (set `input.data` and its keys as
 configs/webdataset.py does).
 
@@ -30,7 +36,9 @@ _WIDTH = {"B": 768, "L": 1024, "So400m": 1152, "g": 1408}
 
 
 def get_config(arg=None):
-  variant = arg or "B/16"
+  variant, _, recipe = (arg or "B/16").partition(",")
+  if recipe not in ("", "siglip2"):
+    raise ValueError(f"configs/siglip_b16_224.py: unknown recipe {recipe!r}; use ',siglip2'")
   name = variant.partition("/")[0]
   if name not in _WIDTH:
     raise ValueError(f"configs/siglip_b16_224.py: unknown variant {variant!r}; use B/16, L/16, "
@@ -48,4 +56,12 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.attention_impl = "cudnn"
   c.optim.schedule.warmup_steps = 10_000
+  if recipe == "siglip2":
+    # The decoder needs captions (training: webdataset / tfds); bench and preflight feed
+    # synthetic batches of the same shapes.
+    c.input.data = "webdataset"
+    c.objectives.locca.weight = 1.0
+    factor = config_defaults.SIZE_FACTORS[name]
+    c.objectives.silc.weight = 1.0 * factor
+    c.objectives.tips.weight = 0.25 * factor
   return c

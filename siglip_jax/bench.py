@@ -12,7 +12,8 @@ Reported: pairs/s and the step time over `--steps` steps after `--warmup` untime
 compiles), analytic model TFLOP/s per device (`siglip_jax.flops`: 3x the forward matmuls, no
 credit for remat recompute), MFU against a bf16 matmul measured in the same process (8192^3 on
 GPU: the ceiling this card reaches today, not the data-sheet peak, which is reported beside it),
-and the peak device memory.
+and the peak device memory. With SILC/TIPS configured, `pairs_per_s` is the step after their
+switch (teacher and views included) and `pairs_per_s_before_switch` the step before it.
 
 XLA flags are the benchmark's business, not the library's: `--xla_flags_preset=gpu_fast` adds the
 flags below to XLA_FLAGS before JAX starts, and the JSON line records what was set.
@@ -77,22 +78,29 @@ def synthetic_batches(config, sharding, vocab, n=2, objectives=()):
   return [make(jax.random.key(i)) for i in range(n)]
 
 
-def time_train_step(parts, config, steps, warmup):
-  """(compile_s, step_s, last loss, peak memory bytes or None) of the configured step."""
+def time_train_step(parts, config, steps, warmup, before_switch=False):
+  """(compile_s, step_s, last loss, peak memory bytes or None) of the configured step: every
+  objective on (SILC/TIPS after their switch), or with `before_switch` the step before it."""
   import jax
+  objs = parts["objectives"]
+  if before_switch:
+    objs = [o for o in objs if not o.uses_teacher]
+  train_step = parts["train_step_at"](0) if before_switch else parts["train_step"]
   batches = synthetic_batches(config, parts["batch_sharding"], parts["vocab_size"],
-                              objectives=parts["objectives"])
+                              objectives=objs)
   state = parts["init"](jax.random.key(config.seed), batches[0])
+  if parts["switch"] is not None and not before_switch:
+    state = parts["switch"](state)
   t0 = time.perf_counter()
-  state, metrics = parts["train_step"](state, batches[0])
+  state, metrics = train_step(state, batches[0])
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0          # compile + one step
   for i in range(max(warmup - 1, 0)):
-    state, metrics = parts["train_step"](state, batches[(i + 1) % len(batches)])
+    state, metrics = train_step(state, batches[(i + 1) % len(batches)])
   jax.block_until_ready((state, metrics))
   t0 = time.perf_counter()
   for i in range(steps):  # dispatch runs ahead; one sync at the end times the device work
-    state, metrics = parts["train_step"](state, batches[i % len(batches)])
+    state, metrics = train_step(state, batches[i % len(batches)])
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   loss = float(jax.device_get(metrics["train/loss"]))
@@ -141,12 +149,18 @@ def matmul_tflops(n, reps=10):
 def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
   """The benchmark as a dict (the JSON line's fields)."""
   import jax
-  from siglip_jax import experiment, flops, trainer
+  from siglip_jax import experiment, flops, objectives, trainer
   if batch:
     config.input.batch_size = batch
   platform = jax.default_backend()
   note = experiment.portable_attention(config, platform)
   parts = trainer.build(config)
+  before = {}
+  if parts["switch"] is not None:   # SILC/TIPS: the step before their switch, timed too
+    objectives.set_switch_step(parts["objectives"], 1)
+    _, step_s, _, _ = time_train_step(parts, config, steps, warmup, before_switch=True)
+    before = {"pairs_per_s_before_switch": round(config.input.batch_size / step_s, 2),
+              "step_s_before_switch": round(step_s, 5)}
   compile_s, step_s, loss, (peak, mem_source) = time_train_step(parts, config, steps, warmup)
   n = matmul_size or (1024 if platform == "cpu" else 8192)
   mm = matmul_tflops(n)
@@ -171,6 +185,7 @@ def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
       "device_kind": kind, "devices": jax.device_count(),
       "dtype": config.model.get("dtype"), "attention_impl": config.model.get("attention_impl"),
       "remat": img.get("remat_policy"), "scan": img.get("scan"),
+      **before,
       "xla_flags_preset": preset, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
       "jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

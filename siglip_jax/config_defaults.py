@@ -27,7 +27,7 @@ MIXTURE_SPEC_KEYS = ("shards", "dir", "tfds_name", "split", "tfds_data_dir", "im
 # evals.<name>: keys by `kind` (the name is free; `kind` defaults to the name).
 EVAL_KEYS = {
     "shapes": ("kind", "every_steps", "batch_size", "num_heldout", "num_unseen"),
-    "scenes": ("kind", "every_steps", "num_heldout", "num_unseen"),
+    "scenes": ("kind", "every_steps", "num_heldout", "num_unseen", "num_probe_train"),
     "zeroshot": ("kind", "every_steps", "batch_size", "prompts", "source", "path", "tfds_name",
                  "split", "data_dir", "image_key", "label_key", "class_names", "max_examples"),
     "retrieval": ("kind", "every_steps", "batch_size", "ks", "source", "path", "captions_file",
@@ -36,6 +36,8 @@ EVAL_KEYS = {
 
 B16_IMAGE = dict(variant=None, patch_size=(16, 16), width=768, depth=12, mlp_dim=3072,
                  num_heads=12, pool_type="map", posemb="learn", scan=False, remat_policy="none")
+# SigLIP 2's distillation weights scale with the model: silc 1.0 and tips 0.25, times these.
+SIZE_FACTORS = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g": 0.5}
 B_TEXT = dict(variant=None, width=768, depth=12, mlp_dim=3072, num_heads=12,
               vocab_size=0,  # 0: the tokenizer's
               pool_type="last", scan=False, remat_policy="none")
@@ -107,6 +109,26 @@ def base():
       width=0, depth=0, num_heads=0, mlp_dim=0,   # 0: the text tower's (depth: half of it)
       parallel_fraction=0.5,       # captions predicted in parallel from mask tokens (CapPa)
       vocab_chunk=8192))           # cross-entropy chunk over the vocabulary
+  # SigLIP 2, stage B (objectives/distill.py): from start_fraction on, against an EMA teacher.
+  # SigLIP 2's weights: silc 1.0 and tips 0.25, each times SIZE_FACTORS[variant].
+  distill_head = dict(head_hidden=2048, head_bottleneck=256, student_temp=0.1,
+                      teacher_temp=0.04, center_momentum=0.9,
+                      head_lr_mult=1.0)        # lr multiplier of the new head (and mask token)
+  c.objectives.silc = ml_collections.ConfigDict(dict(
+      weight=0.0, start_fraction=0.8, head_dim=65536, **distill_head,
+      n_local=8,                   # local crops the student sees per image ...
+      local_size=96,               # ... of this many pixels a side ...
+      local_scale=(0.05, 0.4)))    # ... cut from this area fraction of the image
+  c.objectives.tips = ml_collections.ConfigDict(dict(
+      weight=0.0, start_fraction=0.8, head_dim=8192, **distill_head,
+      mask_ratio=0.5))             # the student's patches of the global view replaced by a token
+  c.objectives.teacher = ml_collections.ConfigDict(dict(
+      momentum=0.996,              # teacher = m * teacher + (1 - m) * student, every update
+      momentum_schedule="constant",   # constant | cosine (DINO's: m -> 1.0 at the last step)
+      global_size=0,               # the global view's side; 0: input.image_size
+      global_scale=(0.4, 1.0),     # its area fraction of the image
+      flip=True,                   # random horizontal flips of every view
+      color_jitter=0.0))           # brightness, contrast, saturation jitter strength in [0, 1]
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"           # adamw | adafactor

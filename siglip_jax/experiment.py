@@ -207,14 +207,15 @@ def _config_errors(fn, *args):
                       f"{e}") from None
 
 
-def make_train_data(config, tokenizer, sharding, data_state=None):
+def make_train_data(config, tokenizer, sharding, data_state=None, views_from=None):
   """The trainer's batch iterator (`pipeline.Batches`: every source goes through the one Grain
   loader), starting at `data_state` ({"data_position": next step, "data_skipped": running skip
-  total}, as checkpoints keep it; {} for a fresh run). `tokenizer` is unused: the loader
-  tokenizes with the same `input` settings (`preprocess.from_config`)."""
+  total}, as checkpoints keep it; {} for a fresh run); batches of steps >= `views_from` also
+  hold SILC/TIPS's views. `tokenizer` is unused: the loader tokenizes with the same `input`
+  settings (`preprocess.from_config`)."""
   del tokenizer
   from siglip_jax.data import pipeline
-  return _config_errors(pipeline.make_batches, config, sharding, data_state or {})
+  return _config_errors(pipeline.make_batches, config, sharding, data_state or {}, views_from)
 
 
 def make_evaluators(config):
@@ -235,7 +236,8 @@ def make_evaluators(config):
       ds = scenes.ScenesDataset(seed=config.seed, image_size=config.input.image_size,
                                 num_heldout=cfg.get("num_heldout", 512),
                                 num_unseen=cfg.get("num_unseen", 256))
-      evals.append(ScenesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name))
+      evals.append(ScenesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name,
+                                   num_probe_train=cfg.get("num_probe_train", 1024)))
     elif kind in ("zeroshot", "retrieval"):
       import importlib  # their sources may need optional packages (tensorflow_datasets)
       module = importlib.import_module(f"siglip_jax.evaluators.{kind}")

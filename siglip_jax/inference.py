@@ -21,7 +21,8 @@ TOWER_NAMES = ("img", "txt", "t", "b")   # what exports and the towers hold
 
 
 class SigLIP:
-  """encode_image(float32 [N,H,W,3] in [-1,1]) / encode_text(int32 [N,L]) -> [N,D] normalized."""
+  """encode_image(float32 [N,H,W,3] in [-1,1]) / encode_text(int32 [N,L]) -> [N,D] normalized;
+  encode_patches(images) -> the image tower's patch tokens [N, h*w, width] (before pooling)."""
 
   def __init__(self, model, params, *, image_size, text_len, vocab_size, tokenizer=None,
                batch_size=256, mesh=None, config=None, decoding=None):
@@ -40,6 +41,7 @@ class SigLIP:
     self.batch_size = batch_size
     self._img = jit(lambda p, x: model.apply({"params": p}, x, None)[0])
     self._txt = jit(lambda p, x: model.apply({"params": p}, None, x)[1])
+    self._patches = jit(lambda p, x: _patch_tokens(model.apply({"params": p}, x, None)[2]))
 
   @property
   def t(self):
@@ -76,14 +78,23 @@ class SigLIP:
     # A replicated output is whole on every process: read the local copy.
     return np.asarray(y.addressable_data(0)) if hasattr(y, "addressable_data") else np.asarray(y)
 
-  def encode_image(self, images):
+  def _check_images(self, images, what):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"encode_image wants float32 [N, H, W, 3]; got shape {images.shape}")
+      raise ValueError(f"{what} wants float32 [N, H, W, 3]; got shape {images.shape}")
     if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"encode_image: images are {images.shape[1]}x{images.shape[2]}, "
+      raise ValueError(f"{what}: images are {images.shape[1]}x{images.shape[2]}, "
                        f"the model takes {self.image_size}x{self.image_size}")
-    return self._run(self._img, images, np.float32)
+    return images
+
+  def encode_image(self, images):
+    return self._run(self._img, self._check_images(images, "encode_image"), np.float32)
+
+  def encode_patches(self, images):
+    """The image tower's patch tokens before the MAP head (or other pooling; a [cls] token is
+    left out): float32 [N, h*w, width], row-major over the patch grid, for images as
+    `encode_image` takes them (float32 [N, H, W, 3] in [-1, 1])."""
+    return self._run(self._patches, self._check_images(images, "encode_patches"), np.float32)
 
   def encode_text(self, tokens):
     tokens = np.asarray(tokens)
@@ -125,6 +136,14 @@ class SigLIP:
   def describe(self, images, boxes):
     """Captions of the regions `boxes` [N, 4] of images (grounded captioning)."""
     return self._decoder().describe(images, np.asarray(boxes, np.float32))
+
+
+def _patch_tokens(out):
+  """The patch tokens of a TwoTowers' intermediates: `img/encoded` less any leading [cls]
+  token (the stem's grid says how many patches there are)."""
+  encoded = out["img/encoded"]
+  _, h, w, _ = out["img/stem"].shape
+  return encoded[:, encoded.shape[1] - h * w:]
 
 
 # ------------------------------------------------------------------ load(path)

@@ -106,6 +106,22 @@ def param_labels(params, optim_cfg):
   return labels
 
 
+def update_multipliers(params, lr_mults):
+  """A tree of floats like `params` (or None when `lr_mults` is empty): each param's
+  multiplier by the first full match of its name in `lr_mults` ((regex, multiplier), ...),
+  else 1. The step multiplies the optimizer's updates by it: a learning-rate multiplier that,
+  unlike an optax group, holds no state, so changing it on a resume keeps the checkpoint's
+  optimizer state (the distillation heads' `head_lr_mult`)."""
+  if not lr_mults:
+    return None
+  _check_patterns([p for p, _ in lr_mults], "objectives.*.head_lr_mult")
+
+  def mult(name):
+    i = _first_match(name, [p for p, _ in lr_mults])
+    return float(lr_mults[i][1]) if i is not None else 1.0
+  return jax.tree_util.tree_map(mult, param_names(params))
+
+
 def _scale_by_optimizer(optim_cfg):
   name = _get(optim_cfg, "name", "adamw")
   if name == "adamw":

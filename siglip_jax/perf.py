@@ -48,9 +48,11 @@ class PerfMeter:
   """Turns the measured pairs/s into the perf/* metrics of one log step."""
 
   def __init__(self, config, model, *, objectives=(), stream=sys.stdout, enabled=True):
-    self.flops_per_pair = flops.train_flops_per_pair(
+    self._flops = lambda objs: flops.train_flops_per_pair(  # noqa: E731
         model, image_size=config.input.image_size, text_len=config.input.text_len,
-        global_batch=config.input.batch_size, objectives=objectives)
+        global_batch=config.input.batch_size, objectives=objs)
+    self.objectives = tuple(objectives)
+    self.flops_per_pair = self._flops(self.objectives)
     self.num_devices = jax.device_count()
     kind = jax.devices()[0].device_kind
     self.peak = flops.peak_tflops(kind, config.get("peak_tflops", 0.0) or 0.0)
@@ -59,8 +61,13 @@ class PerfMeter:
             "(set --config.peak_tflops=TFLOPS_PER_DEVICE to get it)", file=stream, flush=True)
     self._mem_note = enabled
 
-  def metrics(self, pairs_per_s):
-    tflops = self.flops_per_pair * pairs_per_s / self.num_devices / 1e12
+  def metrics(self, pairs_per_s, active=None):
+    """`active`: the names of the objectives trained at this step (default: all), so the
+    FLOPs count SILC/TIPS's teacher and views only from their switch on."""
+    per_pair = self.flops_per_pair
+    if active is not None:
+      per_pair = self._flops([o for o in self.objectives if o.name in active])
+    tflops = per_pair * pairs_per_s / self.num_devices / 1e12
     mem, source = device_memory_gib()
     if self._mem_note and source == "host_rss":
       print("perf/device_mem_gib: this backend reports no device memory; written as the "

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from siglip_jax.objectives import distill
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -22,6 +24,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array         # raw uint32 key data, so checkpoints need no key-type support
   bad_step: jax.Array    # 0, or the first step whose loss or gradient was not finite
+  teacher: Any = flax.struct.field(default_factory=dict)   # SILC/TIPS's EMA teacher, or {}
 
 
 def tower_params(params, objectives):
@@ -52,43 +55,61 @@ def init_state(model, objectives, tx, rng, example_batch):
   init_rng, rng = jax.random.split(rng)
   params = init_params(model, objectives, init_rng, example_batch)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(rng), bad_step=jnp.zeros((), jnp.int32))
+                    rng=jax.random.key_data(rng), bad_step=jnp.zeros((), jnp.int32),
+                    teacher=distill.init_teacher(params, objectives))
 
 
 def _global_norm(tree):
   return optax.tree.norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def make_train_step(model, tx, objectives, lr_fn, active=None):
+def make_train_step(model, tx, objectives, lr_fn, active=None, teacher_momentum=None,
+                    update_mults=None):
   """Returns `step(state, batch) -> (state, metrics)` training the objectives named in `active`
-  (default: all); jit it with shardings and donation, once per set of active objectives."""
+  (default: all); jit it with shardings and donation, once per set of active objectives.
+  With SILC/TIPS on, `teacher_momentum(step, switch_step)` gives the teacher's EMA momentum.
+  `update_mults` (`optim.update_multipliers`): per-param factors on the updates, or None."""
   on = [o for o in objectives if active is None or o.name in active]
+  distilling = distill.on(on)
 
-  def forward_loss(params, batch):
+  def forward_loss(params, batch, targets):
     tower_out = tower_outputs(model, tower_params(params, objectives), batch, train=True)
+    ctx = dict(tower_out, **targets)
     total, metrics = jnp.zeros((), jnp.float32), {}
     for o in on:
-      loss, extra = o.loss(params, batch, tower_out)
+      loss, extra = o.loss(params, batch, ctx)
       total = total + o.weight * loss
       metrics[f"train/loss_{o.name}"] = loss
       metrics.update(extra)
     return total, metrics
 
   def step(state, batch):
-    (loss, aux), grads = jax.value_and_grad(forward_loss, has_aux=True)(state.params, batch)
+    # The teacher's outputs come from outside the differentiated function: no gradient.
+    targets = distill.teacher_targets(on, state.teacher, batch) if distilling else {}
+    (loss, aux), grads = jax.value_and_grad(forward_loss, has_aux=True)(state.params, batch,
+                                                                        targets)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if update_mults is not None:
+      updates = jax.tree_util.tree_map(lambda u, m: u * m if m != 1.0 else u, updates,
+                                       update_mults)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_step = state.step + 1
     keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda a, o: jnp.where(finite, a, o), new, old)
+    teacher, extra = state.teacher, {}
+    if distilling:
+      momentum = teacher_momentum(state.step, state.teacher["switch_step"])
+      teacher = distill.next_teacher(teacher, params, targets, on, momentum)
+      extra["train/teacher_momentum"] = momentum
     new_state = TrainState(
         step=new_step,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         rng=state.rng,
-        bad_step=jnp.where((state.bad_step == 0) & ~finite, new_step, state.bad_step))
+        bad_step=jnp.where((state.bad_step == 0) & ~finite, new_step, state.bad_step),
+        teacher=keep(teacher, state.teacher))
     metrics = {
         "train/loss": loss,
         "train/lr": lr_fn(state.step),
@@ -96,6 +117,7 @@ def make_train_step(model, tx, objectives, lr_fn, active=None):
         "train/param_norm": _global_norm(params),
         "train/update_norm": _global_norm(updates),
         **aux,
+        **extra,
     }
     return new_state, metrics
 

@@ -10,6 +10,7 @@ from etils import epath
 
 from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, objectives
 from siglip_jax import optim, step
+from siglip_jax.objectives import distill, distill_config
 from siglip_jax import paths, perf, workdir_lease
 
 
@@ -31,12 +32,15 @@ def build(config, workdir=None):
   tokenizer = experiment.make_tokenizer(config)
   model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
   objs = objectives.build(config, towers=model, text_vocab=vocab_size, mesh=mesh)
-  example = experiment.example_batch(config, objs)
+  example = experiment.example_batch(config, objs)   # all the full step reads
+  # The distillation views are not needed to initialise anything (and are big at scale).
+  init_example = experiment.example_batch(config, [o for o in objs if not o.uses_teacher])
   abstract_params = jax.eval_shape(
-      lambda b: step.init_params(model, objs, jax.random.key(0), b), example)
+      lambda b: step.init_params(model, objs, jax.random.key(0), b), init_example)
   tx, lr_fn = optim.make_optimizer(abstract_params, config.optim, config.total_steps)
+  update_mults = optim.update_multipliers(abstract_params, distill_config.lr_mults(config))
   init = functools.partial(step.init_state, model, objs, tx)
-  abstract_state = jax.eval_shape(init, jax.random.key(config.seed), example)
+  abstract_state = jax.eval_shape(init, jax.random.key(config.seed), init_example)
   rules = config.sharding_rules
   try:
     state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, rules,
@@ -45,17 +49,28 @@ def build(config, workdir=None):
   except ValueError as e:
     raise experiment.ConfigError(f"config key `sharding_rules`: {e}") from None
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  data_sharding = {k: batch_sharding for k in example}
+  teacher_cfg, total = config.objectives.teacher, config.total_steps
+  momentum = lambda done, switch: distill.teacher_momentum(  # noqa: E731
+      teacher_cfg, done, switch, total)
 
   @functools.lru_cache(maxsize=None)
   def train_step_for(active):
-    """The jitted step training the objectives named in `active` (one compile per set)."""
-    return jax.jit(step.make_train_step(model, tx, objs, lr_fn, active),
-                   in_shardings=(state_sharding, data_sharding),
+    """The jitted step training the objectives named in `active` (one compile per set); its
+    batch holds what those objectives read (the views only from the switch on)."""
+    keys = experiment.example_batch(config, [o for o in objs if o.name in active])
+    return jax.jit(step.make_train_step(model, tx, objs, lr_fn, active, momentum,
+                                        update_mults),
+                   in_shardings=(state_sharding, {k: batch_sharding for k in keys}),
                    out_shardings=(state_sharding, None), donate_argnums=(0,))
 
+  switch = None
+  if distill.on(objs):
+    switch = jax.jit(functools.partial(distill.switch, objectives=objs),
+                     in_shardings=(state_sharding,), out_shardings=state_sharding,
+                     donate_argnums=(0,))
   return dict(mesh=mesh, model=model, objectives=objs, tokenizer=tokenizer,
-              vocab_size=vocab_size, tx=tx, example=example, abstract_state=abstract_state,
+              vocab_size=vocab_size, tx=tx, example=example, init_example=init_example,
+              switch=switch, abstract_state=abstract_state,
               state_sharding=state_sharding, batch_sharding=batch_sharding,
               train_step=train_step_for(frozenset(o.name for o in objs)),
               train_step_at=lambda done: train_step_for(objectives.active_names(objs, done)),
@@ -76,18 +91,28 @@ def initial_state(config, parts, ckpt):
     return state, {"data_position": int(extra.get("data_position", int(state.step))),
                    "data_skipped": int(extra.get("data_skipped", 0)),
                    "data_skipped_regions": int(extra.get("data_skipped_regions", 0))}
-  state = parts["init"](jax.random.key(config.seed), _zeros_like(parts["example"]))
+  state = parts["init"](jax.random.key(config.seed), _zeros_like(parts["init_example"]))
   if config.model_init:
     from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
     try:
+      # SILC/TIPS's heads and mask token start fresh at their switch whatever is loaded.
+      fresh = tuple(f"{n}(/.*)?" for o in parts["objectives"] if o.uses_teacher
+                    for n in o.param_names)
       params = model_init.load_init_params(config.model_init, state.params,
-                                           dont_load=config.model_load.dont_load)
+                                           dont_load=tuple(config.model_load.dont_load) + fresh)
     except (ValueError, OSError) as e:
       raise experiment.ConfigError(f"config key `model_init`: {e}") from None
     state = state.replace(params=params,
                           opt_state=jax.jit(parts["tx"].init, out_shardings=parts[
                               "state_sharding"].opt_state)(params))
   return state, {}
+
+
+def switch_step(state):
+  """The step SILC/TIPS start at, as the state records it; None without a teacher."""
+  if not state.teacher:
+    return None
+  return int(jax.device_get(state.teacher["switch_step"]))
 
 
 def _zeros_like(example):
@@ -180,8 +205,11 @@ def _train_holding_lease(config, workdir, is_main):
       print(f"siglip_jax: {jax.device_count()} devices x {jax.process_count()} processes, mesh "
             f"{dict(parts['mesh'].shape)}, "
             f"{'resuming at step ' + str(first) if first else 'from scratch'}", flush=True)
+    switch_at = switch_step(state)
+    if switch_at is not None:   # the recorded one: a resume with other total_steps keeps it
+      objectives.set_switch_step(parts["objectives"], switch_at)
     data = experiment.make_train_data(config, parts["tokenizer"], parts["batch_sharding"],
-                                      data_state)
+                                      data_state, views_from=switch_at)
     cleanup.callback(data.close)
     profiler = perf.StepProfiler(config.profile_steps, workdir)
     cleanup.callback(profiler.stop)
@@ -201,10 +229,13 @@ def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
                               enabled=is_main)
   final = {}
   wait_s = 0.0
+  switch_at = switch_step(state)
   for step_no in range(first + 1, total + 1):
     _, batch, wait = next(data)
     wait_s += wait
     profiler.before_step(step_no)
+    if step_no - 1 == switch_at:
+      state = parts["switch"](state)   # SILC/TIPS start: fresh heads, teacher = student
     state, step_metrics = parts["train_step_at"](step_no - 1)(state, batch)
     profiler.after_step(step_no, state)
     last = step_no == total
@@ -214,7 +245,8 @@ def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
       pairs_per_s = progress.update(step_no, float(host["train/loss"]))
       host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s,
                    **data.metrics(),
-                   **perf_meter.metrics(pairs_per_s)})
+                   **perf_meter.metrics(pairs_per_s, objectives.active_names(
+                       parts["objectives"], step_no - 1))})
       wait_s = 0.0
       writer.write(step_no, host)
     # Every step: the checkpointer alone decides (schedule, last step, preemption notice).

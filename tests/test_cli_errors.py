@@ -70,6 +70,18 @@ def test_user_mistakes_are_one_line(tmp_path):
        ["`objectives.locca`", "synthetic"]),
       (["--config.objectives.locca.weight=1", "--config.input.decoder_len=4"],
        ["`input.decoder_len`"]),
+      # SILC/TIPS: a crop larger than the image, no local crop, a mask ratio outside (0, 1),
+      # SILC on a tower without a pooled output.
+      (["--config.objectives.silc.weight=1", "--config.objectives.silc.local_size=64"],
+       ["`objectives.silc.local_size`", "larger"]),
+      (["--config.objectives.tips.weight=1", "--config.objectives.teacher.global_size=40"],
+       ["`objectives.teacher.global_size`", "larger"]),
+      (["--config.objectives.silc.weight=1", "--config.objectives.silc.n_local=0"],
+       ["`objectives.silc.n_local`"]),
+      (["--config.objectives.tips.weight=1", "--config.objectives.tips.mask_ratio=1.0"],
+       ["`objectives.tips.mask_ratio`"]),
+      (["--config.objectives.silc.weight=1", "--config.model.image.pool_type=none"],
+       ["`model.image.pool_type`"]),
   ]
   runs = [(TRAIN, _tiny(wd, *args), None) for args, _ in cases]
   runs += [(TRAIN, TINY_DEMO + [f"--workdir={afile}"], None),

@@ -1,14 +1,16 @@
 """End to end: the real trainer, preempted (SIGTERM) or killed (SIGKILL), resumes exactly.
 
 Each run is `python -m siglip_jax.train` on a tiny model of the SigLIP 2 demo (the sigmoid loss
-and the LocCa decoder on the scenes set: the decoder's parameters and optimizer state, and the
-regions in the data, resume with the rest), as a user would start it; the reference is the same
-command run once without interruption.
+and the LocCa decoder on the scenes set, SILC and TIPS from step 19 of 24: the decoder's and the
+heads' parameters and optimizer state, the EMA teacher, the regions and the views in the data
+resume with the rest), as a user would start it; the reference is the same command run once
+without interruption.
 """
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +31,7 @@ TINY = ["--config.model.image.depth=1", "--config.model.text.depth=1",
         "--config.input.batch_size=16", "--config.input.image_size=32",
         "--config.optim.schedule.warmup_steps=2",
         "--config.evals.scenes.every_steps=0", "--config.evals.scenes.num_heldout=16",
-        "--config.evals.scenes.num_unseen=16",
+        "--config.evals.scenes.num_unseen=16", "--config.evals.scenes.num_probe_train=32",
         f"--config.total_steps={TOTAL}", "--config.log_every_steps=1"]
 # The session's compilation cache (conftest) for every program, and its log lines: a restart
 # must find every program the reference run compiled (one that lowers differently from process
@@ -40,9 +42,13 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform
 CACHE_MISS = "PERSISTENT COMPILATION CACHE MISS"
 
 
+SWITCH = 19   # round(0.8 * TOTAL): SILC and TIPS start
+
+
 def _start(workdir, every_steps, log):
   cmd = [sys.executable, "-m", "siglip_jax.train", "--config=configs/siglip2_demo.py",
-         f"--workdir={workdir}", f"--config.checkpoint.every_steps={every_steps}", *TINY]
+         f"--workdir={workdir}", f"--config.checkpoint.every_steps={every_steps}",
+         "--config.checkpoint.keep=30", *TINY]
   return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -97,16 +103,23 @@ def _assert_matches_reference(workdir, reference):
   params = checkpoint.read_params(workdir)
   assert params.keys() == ref_params.keys()
   assert any(k.startswith("decoder/") for k in params)
+  assert any(k.startswith("silc_head/") for k in params) and "mask_token" in params
   for name, value in params.items():
     assert np.array_equal(value, ref_params[name]), name
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
+  """The uninterrupted run, with a checkpoint at every step (all kept)."""
   workdir = tmp_path_factory.mktemp("reference")
-  _run(workdir, 10, workdir / "log.txt")
-  assert _committed(workdir)[-1] == TOTAL
-  return dict(_logged(workdir)), checkpoint.read_params(workdir)
+  _run(workdir, 1, workdir / "log.txt")
+  assert _committed(workdir) == list(range(1, TOTAL + 1))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return dict(_logged(reference_run)), checkpoint.read_params(reference_run)
 
 
 def test_sigterm_then_resume_is_exact(tmp_path, reference):
@@ -172,3 +185,24 @@ def test_kill_9_at_random_moments_then_finish(tmp_path, reference):
   assert f"resuming at step {before[-1]}" in text, text[-3000:]
   assert not _tmp_dirs(workdir)   # cleaned at start-up
   _assert_matches_reference(workdir, reference)
+
+
+@pytest.mark.parametrize("stop", [SWITCH - 1, SWITCH, SWITCH + 1])
+def test_stopped_before_at_and_after_the_switch_resumes_exactly(tmp_path, reference_run,
+                                                                 reference, stop):
+  """A run stopped with its checkpoint at step `stop` (SILC/TIPS start after SWITCH completed
+  updates) and resumed ends where the uninterrupted run ends, bit for bit: the switch happens
+  once, at the same step, with the same fresh heads, and the teacher and views resume."""
+  workdir = tmp_path / "run"
+  shutil.copytree(os.path.join(reference_run, "checkpoints", str(stop)),
+                  workdir / "checkpoints" / str(stop))
+  text = _run(workdir, 1, tmp_path / "log.txt")
+  assert f"resuming at step {stop}" in text
+  ref_losses, ref_params = reference
+  logged = dict(_logged(workdir))
+  assert set(logged) == set(range(stop + 1, TOTAL + 1))
+  for s, loss in logged.items():
+    assert loss == ref_losses[s], f"step {s}: {loss} != {ref_losses[s]} (uninterrupted)"
+  params = checkpoint.read_params(workdir)
+  for name, value in params.items():
+    assert np.array_equal(value, ref_params[name]), name

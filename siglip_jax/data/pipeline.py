@@ -34,6 +34,7 @@ import numpy as np
 from siglip_jax import errors
 from siglip_jax.data import preprocess as pp
 from siglip_jax.data import sources
+from siglip_jax.data import views as views_lib
 
 _log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 1000      # then the data set is (nearly) all bad: raise, never spin
@@ -113,8 +114,11 @@ class StepLoader:
   "skipped": int64 [R] (bad records met before each row's record), "step": int}.
   """
 
-  def __init__(self, source, preprocessor, *, seed, global_batch, rows, threads=4):
+  def __init__(self, source, preprocessor, *, seed, global_batch, rows, threads=4,
+               views_from=None):
     self.source, self.pre = source, preprocessor
+    # Steps from this one on also draw SILC/TIPS's views (None: never).
+    self.views_from = None if views_from is None or not preprocessor.views else int(views_from)
     self.seed, self.global_batch = int(seed), int(global_batch)
     self.rows = np.asarray(rows, np.int64)
     self.n = len(source)
@@ -144,7 +148,7 @@ class StepLoader:
       i = (i + 1 + int(_hash(self.seed, epoch, i, attempt) % np.uint64(self.n - 1))) % self.n
     return int(self.perm(epoch, np.array([i]))[0])
 
-  def example(self, slot, tokenize=True, first=None):
+  def example(self, slot, tokenize=True, first=None, with_views=False):
     """(example dict, record index, list of skip reasons) for one slot. `first`: the slot's own
     (record, raw record) when the caller has read it already."""
     reasons = []
@@ -155,7 +159,7 @@ class StepLoader:
         record = self.candidates(slot, attempt)
         raw = self.source[record]
       try:
-        return self.pre(raw, slot, tokenize=tokenize), record, reasons
+        return self.pre(raw, slot, tokenize=tokenize, with_views=with_views), record, reasons
       except pp.BadRecord as e:
         reasons.append(e.reason)
         if self._bad_logged < _LOG_FIRST_BAD:
@@ -168,10 +172,12 @@ class StepLoader:
                           f"row were unusable at slot {slot} ({counts}); run python -m "
                           "siglip_jax.data.check on it")
 
-  def _examples(self, slots, firsts):
-    return [self.example(s, tokenize=False, first=f) for s, f in zip(slots, firsts)]
+  def _examples(self, slots, firsts, with_views=False):
+    return [self.example(s, tokenize=False, first=f, with_views=with_views)
+            for s, f in zip(slots, firsts)]
 
   def __call__(self, step):
+    with_views = self.views_from is not None and int(step) >= self.views_from
     slots = (int(step) * self.global_batch + self.rows).tolist()
     read_batch = getattr(self.source, "_getitems", None)
     pooled = self.threads > 1 and len(slots) > 1
@@ -191,10 +197,11 @@ class StepLoader:
       parts = np.array_split(np.arange(len(slots)), min(len(slots), 4 * self.threads))
 
       def run(part):
-        return self._examples([slots[j] for j in part], [firsts[j] for j in part])
+        return self._examples([slots[j] for j in part], [firsts[j] for j in part],
+                              with_views)
       results = [r for done in self._pool.map(run, parts) for r in done]
     else:
-      results = self._examples(slots, firsts)
+      results = self._examples(slots, firsts, with_views)
     size = self.pre.image_size
     if not results:   # a process with no rows (never with today's meshes): empty arrays
       return {"image": np.zeros((0, size, size, 3), np.uint8),
@@ -208,7 +215,7 @@ class StepLoader:
            "record": np.array([r for _, r, _ in results], np.int64),
            "skipped": np.array([len(why) for _, _, why in results], np.int64),
            "step": int(step)}
-    for key in DECODER_KEYS + ("regions", "region_mask", "skipped_regions"):
+    for key in DECODER_KEYS + VIEW_KEYS + ("regions", "region_mask", "skipped_regions"):
       if key in results[0][0]:
         out[key] = np.stack([np.asarray(ex[key]) for ex, _, _ in results])
     return out
@@ -217,7 +224,8 @@ class StepLoader:
 DECODER_KEYS = ("dec_inputs", "dec_targets", "dec_task")   # the LocCa passes (preprocess)
 # What travels to the devices besides the image; the rest (record ids, counts, the padded regions)
 # stays on the host.
-DEVICE_KEYS = ("text",) + DECODER_KEYS
+DEVICE_KEYS = ("text",) + DECODER_KEYS + ("tips_mask",)
+VIEW_KEYS = views_lib.KEYS    # SILC/TIPS's crops and patch mask, from the switch step on
 
 
 def host_batches(loader, start_step=0, *, workers=0, prefetch=2):
@@ -278,12 +286,13 @@ class Batches:
   the decoder's passes when LocCa is on} global arrays, seconds waited)."""
 
   def __init__(self, source, preprocessor, *, global_batch, sharding, seed, start_step=0,
-               skipped=0, skipped_regions=0, workers=0, threads=4, prefetch=2):
+               skipped=0, skipped_regions=0, workers=0, threads=4, prefetch=2,
+               views_from=None):
     self.global_batch, self.sharding = int(global_batch), sharding
     self._rows = local_rows(sharding, self.global_batch)
     self._where = {int(r): i for i, r in enumerate(self._rows)}
     self.loader = StepLoader(source, preprocessor, seed=seed, global_batch=global_batch,
-                             rows=self._rows, threads=threads)
+                             rows=self._rows, threads=threads, views_from=views_from)
     self.position = int(start_step)
     # Running totals: records (all runs so far) and, with a decoder, regions dropped.
     self._counts = {"skipped": [int(skipped), 0]}
@@ -314,7 +323,8 @@ class Batches:
                          f"expected {self.position}")
     for key, count in self._counts.items():
       count[1] += int(host[key].sum())
-    batch = {"image": self._normalize(self._global(host["image"]))}
+    batch = {k: self._normalize(self._global(host[k]))
+             for k in ("image", "view_global", "view_local") if k in host}
     batch.update({k: self._global(host[k]) for k in DEVICE_KEYS if k in host})
     self.position += 1
     return host["step"], batch, wait
@@ -351,9 +361,10 @@ class Batches:
       pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_batches(config, sharding, data_state=None):
+def make_batches(config, sharding, data_state=None, views_from=None):
   """A `Batches` over the config's training source (`sources.from_config`), starting at
-  `data_state` ({"data_position": next step, "data_skipped": running skip total}; {}: step 0)."""
+  `data_state` ({"data_position": next step, "data_skipped": running skip total}; {}: step 0);
+  steps >= `views_from` also hold SILC/TIPS's views."""
   data_state = data_state or {}
   inp = config.input
   return Batches(sources.from_config(config), pp.from_config(config),
@@ -362,4 +373,4 @@ def make_batches(config, sharding, data_state=None):
                  skipped=int(data_state.get("data_skipped", 0)),
                  skipped_regions=int(data_state.get("data_skipped_regions", 0)),
                  workers=inp.get("workers", 0), threads=inp.get("threads", 4),
-                 prefetch=inp.get("prefetch", 2))
+                 prefetch=inp.get("prefetch", 2), views_from=views_from)

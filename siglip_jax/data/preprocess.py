@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from siglip_jax.data import tokenizer as tokenizer_lib
+from siglip_jax.data import views as views_lib
 
 # Reasons a record is skipped; `check` and the loader count them under these names. The last
 # group comes from the sources: tar shards (webdataset.py) and folders (sources.FolderSource).
@@ -148,7 +149,7 @@ def _center_box(w, h, mode):
   return (left, top, left + side, top + side)
 
 
-def _random_box(w, h, rng, scale, ratio):
+def random_box(w, h, rng, scale, ratio):
   """Inception-style crop (as torchvision's RandomResizedCrop): area fraction in `scale`,
   aspect ratio log-uniform in `ratio`; ten tries, then the central square."""
   area = w * h
@@ -178,7 +179,7 @@ class Preprocessor:
                strip_punctuation=False, eos="sticky", pad_id=None, resize="squash",
                method="bicubic", random_crop=False, crop_scale=(0.08, 1.0),
                crop_ratio=(3 / 4, 4 / 3), flip=False, jpeg_draft=True, seed=0, decoder=None,
-               max_regions=16):
+               max_regions=16, views=None):
     if resize not in RESIZE_MODES:
       raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if method not in METHODS:
@@ -194,6 +195,7 @@ class Preprocessor:
     self._tok = None
     self.decoder, self.max_regions = (dict(decoder) if decoder else None), int(max_regions)
     self._decoder_text = None
+    self.views = dict(views) if views else None   # SILC/TIPS's crops (`views.py`)
 
   @property
   def decoder_text(self):
@@ -228,7 +230,7 @@ class Preprocessor:
     """(crop box in pixels, flipped) for a w x h image: what `pixels` does, and what moves
     regions' boxes with the pixels (the draws in the same order)."""
     if self.random_crop:
-      box = _random_box(w, h, rng, self.crop_scale, self.crop_ratio)
+      box = random_box(w, h, rng, self.crop_scale, self.crop_ratio)
     else:
       box = _center_box(w, h, self.resize)
     return box, bool(self.flip and rng.random() < 0.5)
@@ -250,8 +252,9 @@ class Preprocessor:
             and data.dtype == np.uint8 and data.shape == (self.image_size, self.image_size, 3)
             and not raw.get("error"))
 
-  def __call__(self, raw, slot, tokenize=True):
-    geometry = None
+  def __call__(self, raw, slot, tokenize=True, with_views=False):
+    """`with_views`: also SILC/TIPS's views (`views.draw`; from the switch step on)."""
+    geometry, img = None, None
     if self._as_is(raw):
       texts = raw.get("texts")
       rng = None if isinstance(texts, str) and not self.decoder else rng_for(self.seed, slot)
@@ -265,6 +268,11 @@ class Preprocessor:
     example = {"image": image, "text": text}
     if self.decoder:
       example.update(self._decoder_fields(raw, caption, geometry, rng))
+    if with_views and self.views:
+      if img is None or self.draft:   # crops zoom in: the full-resolution pixels
+        img = decode_image(raw.get("image"))
+      example.update(views_lib.draw(img, views_lib.rng_for(self.seed, slot), self.views,
+                                    METHODS[self.method]))
     return example
 
   def _decoder_fields(self, raw, caption, geometry, rng):
@@ -301,7 +309,16 @@ def from_config(config):
       method=get("resize_method", "bicubic"), random_crop=get("random_crop", False),
       crop_scale=tuple(get("crop_scale", (0.08, 1.0))),
       flip=get("flip", False), jpeg_draft=get("jpeg_draft", True), seed=config.seed,
-      decoder=decoder_settings(config), max_regions=get("max_regions", 16))
+      decoder=decoder_settings(config), max_regions=get("max_regions", 16),
+      views=view_settings(config))
+
+
+def view_settings(config):
+  """SILC/TIPS's view settings when either is on, else None."""
+  if not config.get("objectives") or "silc" not in config.objectives:
+    return None
+  from siglip_jax.objectives import distill_config
+  return distill_config.view_settings(config)
 
 
 def decoder_settings(config):

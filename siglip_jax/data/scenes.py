@@ -175,6 +175,11 @@ class ScenesDataset:
     return [{"image": s["image"], "texts": s["texts"], "regions": s["regions"],
              "key": f"scenes:{int(i)}"} for i, s in zip(indices, self._scenes(_TRAIN, indices))]
 
+  def train_scenes(self, indices):
+    """Scenes `indices` of the training stream as `_scenes` gives them (class_map included):
+    what the dense probe fits on."""
+    return self._scenes(_TRAIN, indices)
+
   def eval_split(self, name):
     """The fixed "heldout" or "unseen" split: a list of scenes (dicts with image uint8,
     caption, regions, pairs, class_map), cached."""

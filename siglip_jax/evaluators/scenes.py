@@ -11,13 +11,16 @@ never-seen pairs, reported without a target), with greedy decoding (jitted, batc
 - `scenes/caption_acc`: share of images whose decoded caption's multiset of (colour, shape)
   pairs equals the scene's.
 - `scenes/retrieval_i2t_r1`, `scenes/retrieval_t2i_r1`: the towers, image captions.
+- `scenes/dense_miou`, `scenes/dense_acc` (held-out only, any model): a linear probe on the
+  image tower's patch tokens, fitted on the first `num_probe_train` training scenes
+  (`dense.py`).
 """
 import collections
 
 import numpy as np
 
 from siglip_jax.data import preprocess, scenes
-from siglip_jax.evaluators import retrieval
+from siglip_jax.evaluators import dense, retrieval
 
 
 def iou(a, b):
@@ -57,8 +60,11 @@ def same_pairs(text, pairs):
 
 class ScenesEvaluator:
 
-  def __init__(self, dataset, *, every_steps, prefix="scenes"):
+  def __init__(self, dataset, *, every_steps, prefix="scenes", num_probe_train=1024):
+    """`num_probe_train`: training scenes the dense probe fits on (0: no dense metrics)."""
     self.dataset, self.every_steps, self.prefix = dataset, int(every_steps), prefix
+    self.num_probe_train = int(num_probe_train)
+    self._probe_train = None   # (images, class maps), rendered once
 
   def _split(self, name):
     split = self.dataset.eval_split(name)
@@ -90,11 +96,25 @@ class ScenesEvaluator:
                                            for t, (_, _, pair) in zip(texts, rows)]))
     return out
 
+  def _dense(self, model):
+    if self._probe_train is None:
+      rows = [s for start in range(0, self.num_probe_train, 256) for s in
+              self.dataset.train_scenes(range(start, min(self.num_probe_train, start + 256)))]
+      self._probe_train = (preprocess.to_float(np.stack([s["image"] for s in rows])),
+                           np.stack([s["class_map"] for s in rows]))
+    split, images = self._split("heldout")
+    num_classes = 1 + len(scenes.COLORS) * len(scenes.SHAPES)
+    return dense.evaluate(model, *self._probe_train, images,
+                          np.stack([s["class_map"] for s in split]), num_classes)
+
   def run(self, model):
     """`model`: an inference handle; the decoder's metrics need one with a decoder (`caption`,
-    `locate`, `describe`), the retrieval ones do not."""
+    `locate`, `describe`), the retrieval and dense ones do not."""
     results = {}
     for split, suffix in (("heldout", ""), ("unseen", "_unseen")):
       for k, v in self._one(model, split).items():
         results[f"{self.prefix}/{k}{suffix}"] = v
+    if self.num_probe_train > 0:
+      for k, v in self._dense(model).items():
+        results[f"{self.prefix}/{k}"] = v
     return results

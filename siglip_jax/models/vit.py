@@ -3,6 +3,7 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -118,7 +119,12 @@ class ViT(nn.Module):
     return cfg
 
   @nn.compact
-  def __call__(self, image, *, train: bool = False):
+  def __call__(self, image, *, train: bool = False, masked=None, mask_token=None,
+               posemb_grid=None):
+    """`masked` [N, tokens] bool with `mask_token` [width]: those patch embeddings replaced by
+    the token before the position embedding (TIPS, iBOT). `posemb_grid` (h, w): the grid the
+    position embedding is defined on when `image` has another one (a distillation crop); it is
+    resized to the image's grid (bilinear, antialiased)."""
     del train  # no dropout: SigLIP trains without it, and the forward is the same either way
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"Unknown pool_type {self.pool_type!r}; use one of {POOL_TYPES}")
@@ -134,13 +140,19 @@ class ViT(nn.Module):
         dtype=self.dtype, param_dtype=jnp.float32, name="embedding")(image)
     n, h, w, c = x.shape
     x = jnp.reshape(x, [n, h * w, c])
+    if masked is not None:
+      x = jnp.where(masked[..., None], jnp.asarray(mask_token, x.dtype), x)
 
     # Position embedding before any extra token, as big_vision (the [cls] token has none).
+    gh, gw = posemb_grid or (h, w)
     if self.posemb == "learn":
       pe = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(c)),
-                      (1, h * w, c), jnp.float32)
+                      (1, gh * gw, c), jnp.float32)
     else:
-      pe = posemb_sincos_2d(h, w, c)
+      pe = posemb_sincos_2d(gh, gw, c)
+    if (gh, gw) != (h, w):
+      pe = jax.image.resize(pe.reshape(gh, gw, c), (h, w, c), "bilinear",
+                            antialias=True).reshape(1, h * w, c)
     x = out["with_posemb"] = x + pe.astype(x.dtype)
 
     if self.pool_type == "tok":

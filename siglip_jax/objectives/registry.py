@@ -1,7 +1,7 @@
 """Which objectives a config trains, their checks, and which are on at a step."""
 from siglip_jax import errors
 
-NAMES = ("contrastive", "locca")
+NAMES = ("contrastive", "locca", "silc", "tips")
 
 
 class ObjectiveConfigError(errors.UserError, ValueError):
@@ -12,6 +12,7 @@ class Objective:
   """Base: `name`, `weight`, `start_step`; subclasses add `init` and `loss` (see the package
   docstring)."""
   name = ""
+  uses_teacher = False  # SILC and TIPS: read the EMA teacher's outputs (objectives/distill.py)
   batch_keys = ()     # batch entries it reads besides image and text
   param_names = ()    # top-level parameter names it owns (beside img, txt, t, b)
 
@@ -71,15 +72,25 @@ def check_config(config):
   if float(config.objectives.locca.weight) > 0:
     from siglip_jax.objectives import locca
     locca.check_config(config)
+  from siglip_jax.objectives import distill_config
+  distill_config.check_config(config)
 
 
 def build(config, *, towers, text_vocab, mesh):
   """The objective objects of `configured(config)`, contrastive first."""
-  from siglip_jax.objectives import contrastive, locca
-  classes = {"contrastive": contrastive.Contrastive, "locca": locca.LocCa}
+  from siglip_jax.objectives import contrastive, distill, locca
+  classes = {"contrastive": contrastive.Contrastive, "locca": locca.LocCa,
+             "silc": distill.SILC, "tips": distill.TIPS}
   return [classes[name](config, towers=towers, text_vocab=text_vocab, mesh=mesh, weight=weight,
                         start_step=start)
           for name, weight, start in configured(config)]
+
+
+def set_switch_step(objectives, step):
+  """The recorded switch step (a checkpoint's) for the objectives that use the EMA teacher."""
+  for o in objectives:
+    if getattr(o, "uses_teacher", False):
+      o.start_step = int(step)
 
 
 def active_names(objectives, step):

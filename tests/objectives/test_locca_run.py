@@ -1,6 +1,8 @@
-"""A tiny SigLIP 2 demo run (sigmoid loss + LocCa decoder on scenes) as a user starts it, then
-what its workdir gives: the scenes metrics in training and in `evaluate`, `siglip_jax.load` with
-caption/locate/describe, and exports that hold the two towers, t and b only (HF parity holds)."""
+"""A tiny SigLIP 2 demo run (sigmoid loss + LocCa decoder on scenes, SILC + TIPS in its last
+step) as a user starts it, then what its workdir gives: the scenes metrics (the dense probe's
+too) in training and in `evaluate`, `siglip_jax.load` with caption/locate/describe and
+`encode_patches`, and exports that hold the two towers, t and b only (no decoder, distillation
+head, mask token or teacher; HF parity holds)."""
 import json
 import os
 
@@ -22,9 +24,9 @@ TINY_SIGLIP2 = [
     "--config.model.text.depth=1", "--config.model.text.width=32",
     "--config.model.text.mlp_dim=64", "--config.model.text.num_heads=2",
     "--config.model.out_dim=(None,32)", "--config.optim.schedule.warmup_steps=2",
-    "--config.total_steps=3", "--config.checkpoint.every_steps=3",
+    "--config.total_steps=3", "--config.checkpoint.every_steps=3", "--config.log_every_steps=1",
     "--config.evals.scenes.every_steps=3", "--config.evals.scenes.num_heldout=16",
-    "--config.evals.scenes.num_unseen=16",
+    "--config.evals.scenes.num_unseen=16", "--config.evals.scenes.num_probe_train=32",
 ]
 METRICS = ("refexp_acc50", "refexp_const_acc50", "grounded_acc", "caption_acc",
            "retrieval_i2t_r1", "retrieval_t2i_r1")
@@ -43,16 +45,25 @@ def _last_row_with(workdir, key):
 
 
 def test_training_logs_every_objective_and_the_scenes_metrics(workdir):
-  row = _last_row_with(workdir, "train/loss_locca")
-  for name in ("contrastive", "locca", "locca_caption", "locca_refexp", "locca_grounded"):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "train/loss_silc" in r] == [3]   # from step 0.8 * 3 on
+  row = _last_row_with(workdir, "train/loss_silc")
+  for name in ("contrastive", "locca", "locca_caption", "locca_refexp", "locca_grounded",
+               "silc", "tips"):
     assert np.isfinite(row[f"train/loss_{name}"]), name
-  assert row["train/loss"] == pytest.approx(row["train/loss_contrastive"]
-                                            + row["train/loss_locca"], rel=1e-6)
+  assert row["train/loss"] == pytest.approx(
+      row["train/loss_contrastive"] + row["train/loss_locca"] + 0.25 * row["train/loss_silc"]
+      + 0.0625 * row["train/loss_tips"], rel=1e-6)
+  # The FLOPs count the teacher and the views only from the switch on.
+  before = [r for r in rows if r["step"] == 2 and "train/loss" in r][0]
+  assert row["perf/tflops_per_device"] / row["train/pairs_per_s"] > \
+      1.2 * before["perf/tflops_per_device"] / before["train/pairs_per_s"]
   assert row["data/skipped_regions"] == 0
   evals = _last_row_with(workdir, "scenes/refexp_acc50")
   for name in METRICS:
     for suffix in ("", "_unseen"):
       assert 0.0 <= evals[f"scenes/{name}{suffix}"] <= 1.0, name + suffix
+  assert 0.0 <= evals["scenes/dense_miou"] <= 1.0 and 0.0 <= evals["scenes/dense_acc"] <= 1.0
   # The best constant box is a real baseline: above zero on scenes of 2 or 3 objects.
   assert evals["scenes/refexp_const_acc50"] > 0
 
@@ -77,8 +88,9 @@ def test_load_keeps_the_decoder_and_exports_hold_the_towers_only(workdir, tmp_pa
   assert len(model.describe(images, [s["regions"][0]["box"] for s in split])) == 4
 
   convert.convert(workdir, "big_vision", str(tmp_path / "bv.npz"))
+  assert model.encode_patches(images).shape == (4, 16, 32)   # a 4x4 grid of width 32
   names = big_vision.read_npz(str(tmp_path / "bv.npz")).keys()
-  assert names and not any("decoder" in n for n in names)
+  assert names and not any(w in n for n in names for w in ("decoder", "silc", "tips", "mask"))
   assert {n.split("/")[0] for n in names} <= {"img", "txt", "t", "b"}
 
   torch = pytest.importorskip("torch")

@@ -20,6 +20,7 @@ def _config(mesh, rules):
   config.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
   config.model.out_dim = (None, 32)
   config.evals = {}
+  config.objectives.silc.weight = config.objectives.tips.weight = 0.0   # test_distill.py's
   config.total_steps = 10
   config.optim.schedule.warmup_steps = 2
   config.mesh, config.sharding_rules, config.fsdp_min_size_mb = mesh, rules, 0.0
