@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from siglip_jax import config_defaults, errors, losses, models, objectives, optim, perf
-from siglip_jax.models import text as text_model, vit
+from siglip_jax.models import text as text_model, two_towers, vit
 
 
 _log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _check_tower_dims(config):
   """Positive sizes and a width the heads divide, per tower, and embeddings of one size, before
   anything is traced."""
   out_dim = config.model.out_dim
-  out_dims = (out_dim, out_dim) if out_dim is None or isinstance(out_dim, int) else out_dim
+  out_dims = two_towers.pair_of_out_dims(out_dim)
   embed = {}
   for tower, cls, head in (("image", vit.ViT, out_dims[0]),
                            ("text", text_model.TextTransformer, out_dims[1])):

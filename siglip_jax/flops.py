@@ -90,10 +90,9 @@ def loss_flops_per_pair(global_batch, emb_dim):
 def _tower_dims(model):
   """Resolved kwargs for image_tower_flops / text_tower_flops of a `models.TwoTowers`."""
   from siglip_jax.models.text import TextTransformer  # models is ground floor; imported lazily
+  from siglip_jax.models.two_towers import pair_of_out_dims
   from siglip_jax.models.vit import ViT
-  out_dim = model.out_dim
-  if out_dim is None or isinstance(out_dim, int):
-    out_dim = (out_dim, out_dim)
+  out_dim = pair_of_out_dims(model.out_dim)
   img_cfg = dict(model.image or {})
   txt_cfg = dict(model.text or {})
   img = ViT(**{k: v for k, v in img_cfg.items() if k in ViT.__dataclass_fields__}).dims

@@ -214,22 +214,23 @@ def _train_holding_lease(config, workdir, is_main):
     profiler = perf.StepProfiler(config.profile_steps, workdir)
     cleanup.callback(profiler.stop)
     final = _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
-                  is_main)
+                  is_main, switch_at)
   if is_main and final:
     print(metrics.summary_table(final), flush=True)
   return final
 
 
-def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler, is_main):
-  """Steps first+1 .. total_steps: train, log, save, evaluate. Returns the last step's
-  evaluation ({} when preempted)."""
+def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler, is_main,
+          switch_at):
+  """Steps first+1 .. total_steps: train, log, save, evaluate (SILC/TIPS's switch applied
+  before the update after `switch_at` completed ones). Returns the last step's evaluation ({}
+  when preempted)."""
   total = config.total_steps
   progress = metrics.Progress(total, config.input.batch_size, first_step=first, enabled=is_main)
   perf_meter = perf.PerfMeter(config, parts["model"], objectives=parts["objectives"],
                               enabled=is_main)
   final = {}
   wait_s = 0.0
-  switch_at = switch_step(state)
   for step_no in range(first + 1, total + 1):
     _, batch, wait = next(data)
     wait_s += wait

@@ -46,11 +46,8 @@ class TwoTowers(nn.Module):
             "attention_impl": self.attention_impl, **(cfg or {})}
 
   @nn.compact
-  def __call__(self, image, text=None, *, train: bool = False, **image_kwargs):
-    """`image_kwargs`: the ViT's `masked`, `mask_token`, `posemb_grid` (distillation views)."""
-    out_dims = self.out_dim
-    if out_dims is None or isinstance(out_dims, int):
-      out_dims = (out_dims, out_dims)
+  def __call__(self, image, text=None, *, train: bool = False):
+    out_dims = pair_of_out_dims(self.out_dim)
     zimg = ztxt = None
     out = {}
 
@@ -63,7 +60,7 @@ class TwoTowers(nn.Module):
 
     if image is not None:
       img = ViT(**self._tower_kwargs(self.image, out_dims[0]), name="img")
-      zimg, out_img = img(image, train=train, **image_kwargs)
+      zimg, out_img = img(image, train=train)
       out.update({f"img/{k}": v for k, v in out_img.items()})
       out["img/norm"], zimg = _l2_normalize(zimg)
       out["img/normalized"] = zimg
@@ -83,10 +80,13 @@ class TwoTowers(nn.Module):
 def image_tower(model: TwoTowers) -> ViT:
   """`model`'s image tower alone (a ViT applied to `params["img"]`): the EMA teacher and the
   distillation views run it without the text tower, t and b."""
-  out_dims = model.out_dim
-  if out_dims is None or isinstance(out_dims, int):
-    out_dims = (out_dims, out_dims)
-  return ViT(**model._tower_kwargs(model.image, out_dims[0]), parent=None)  # noqa: SLF001
+  image_dim = pair_of_out_dims(model.out_dim)[0]
+  return ViT(**model._tower_kwargs(model.image, image_dim), parent=None)  # noqa: SLF001
+
+
+def pair_of_out_dims(out_dim):
+  """`out_dim` as (image, text): an int or None applies to both towers."""
+  return (out_dim, out_dim) if out_dim is None or isinstance(out_dim, int) else tuple(out_dim)
 
 
 # Keys of a model config that `from_config` understands; big_vision's `image_model` and

@@ -226,7 +226,7 @@ def _tower(vit):
 # ------------------------------------------------------------------------------- the teacher
 
 def on(objectives):
-  return [o for o in objectives if getattr(o, "uses_teacher", False)]
+  return [o for o in objectives if o.uses_teacher]
 
 
 def init_teacher(params, objectives):

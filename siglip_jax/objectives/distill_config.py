@@ -13,11 +13,10 @@ def check_config(config):
   if not on:
     return
   img = experiment.resolve_variant(config.model.image, "model.image")
+  patch = _patch_size(img)
   if "silc" in on and img.get("pool_type", "map") == "none":
     raise ObjectiveConfigError("config key `model.image.pool_type`: objectives.silc matches "
                                "the pooled image output; 'none' gives patch tokens only")
-  patch = img.get("patch_size", (16, 16))
-  patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
   teacher = config.objectives.teacher
   size = int(config.input.image_size)
   if not 0 <= float(teacher.momentum) < 1:
@@ -63,6 +62,11 @@ def check_config(config):
                                  f"got {ratio!r}")
 
 
+def _patch_size(image_cfg):
+  patch = image_cfg.get("patch_size", (16, 16))
+  return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
 def _check_crop(crop, patch, image_size, key):
   if isinstance(crop, bool) or not isinstance(crop, int) or crop < patch:
     raise ObjectiveConfigError(f"config key `{key}` must be an integer >= the patch size "
@@ -92,9 +96,7 @@ def view_settings(config):
   if not on:
     return None
   from siglip_jax import experiment
-  img = experiment.resolve_variant(config.model.image, "model.image")
-  patch = img.get("patch_size", (16, 16))
-  patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+  patch = _patch_size(experiment.resolve_variant(config.model.image, "model.image"))
   teacher, silc, tips = (config.objectives[k] for k in ("teacher", "silc", "tips"))
   global_size = int(teacher.global_size or config.input.image_size)
   grid = (global_size // patch) ** 2
@@ -107,7 +109,8 @@ def view_settings(config):
 
 
 def lr_mults(config):
-  """((regex, multiplier), ...) of the new heads (and the mask token), ahead of optim.lr_mults."""
+  """((regex, multiplier), ...) of the new heads (and the mask token): `head_lr_mult`, applied
+  on top of optim.lr_mults (`optim.update_multipliers`)."""
   out = []
   if float(config.objectives.silc.weight) > 0:
     out.append(("silc_head/.*", float(config.objectives.silc.head_lr_mult)))

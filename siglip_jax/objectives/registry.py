@@ -89,7 +89,7 @@ def build(config, *, towers, text_vocab, mesh):
 def set_switch_step(objectives, step):
   """The recorded switch step (a checkpoint's) for the objectives that use the EMA teacher."""
   for o in objectives:
-    if getattr(o, "uses_teacher", False):
+    if o.uses_teacher:
       o.start_step = int(step)
 
 
