@@ -66,10 +66,22 @@ def synthetic_batches(config, sharding, vocab, n=2, objectives=()):
   import jax.numpy as jnp
   b, size, length = config.input.batch_size, config.input.image_size, config.input.text_len
 
+  from siglip_jax import naflex_config
+  naflex = naflex_config.is_naflex(config)
+  if naflex:   # the longest length, every patch real, on the squarest grid that fills it
+    n = max(naflex_config.seq_lens(config))
+    b, p = naflex_config.batch_sizes(config)[n], naflex_config.patch_size(config)
+    h = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+
   def make(key):
     ki, kt, ko = jax.random.split(key, 3)
-    batch = {"image": jax.random.uniform(ki, (b, size, size, 3), jnp.float32, -1.0, 1.0),
-             "text": jax.random.randint(kt, (b, length), 1, vocab, jnp.int32)}
+    if naflex:
+      batch = {"patches": jax.random.uniform(ki, (b, n, p * p * 3), jnp.float32, -1.0, 1.0),
+               "patch_mask": jnp.ones((b, n), jnp.int32),
+               "spatial_shapes": jnp.tile(jnp.array([[h, n // h]], jnp.int32), (b, 1))}
+    else:
+      batch = {"image": jax.random.uniform(ki, (b, size, size, 3), jnp.float32, -1.0, 1.0)}
+    batch["text"] = jax.random.randint(kt, (b, length), 1, vocab, jnp.int32)
     for o, k in zip(objectives, jax.random.split(ko, max(len(objectives), 1))):
       batch.update(o.synthetic_batch(k, b, vocab))
     return batch
@@ -164,8 +176,13 @@ def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
   compile_s, step_s, loss, (peak, mem_source) = time_train_step(parts, config, steps, warmup)
   n = matmul_size or (1024 if platform == "cpu" else 8192)
   mm = matmul_tflops(n)
-  b = config.input.batch_size
-  per_pair = flops.train_flops_per_pair(parts["model"], image_size=config.input.image_size,
+  from siglip_jax import naflex_config
+  b, image_size, seq_len = config.input.batch_size, config.input.image_size, None
+  if naflex_config.is_naflex(config):   # timed at the longest length (synthetic_batches)
+    seq_len = max(naflex_config.seq_lens(config))
+    b = naflex_config.batch_sizes(config)[seq_len]
+    image_size = (seq_len * naflex_config.patch_size(config), naflex_config.patch_size(config))
+  per_pair = flops.train_flops_per_pair(parts["model"], image_size=image_size,
                                         text_len=config.input.text_len, global_batch=b,
                                         objectives=parts["objectives"])
   pairs_per_s = b / step_s
@@ -185,7 +202,7 @@ def run(config, *, batch=0, steps=20, warmup=3, matmul_size=0, preset="none"):
       "device_kind": kind, "devices": jax.device_count(),
       "dtype": config.model.get("dtype"), "attention_impl": config.model.get("attention_impl"),
       "remat": img.get("remat_policy"), "scan": img.get("scan"),
-      **before,
+      **before, **({"seq_len": seq_len} if seq_len else {}),
       "xla_flags_preset": preset, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
       "jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -186,8 +186,21 @@ def check_fits(shapes, wanted, where, limit=5):
       lines += [f"  {label} ({len(names)}):"] + [f"    {n}" for n in names[:limit]] + more
   if lines:
     raise CheckpointMismatchError(
-        f"checkpoint {where} does not fit this config (were model or optimizer settings "
-        "changed?):\n" + "\n".join(lines))
+        f"checkpoint {where} does not fit this config ({_which_change(shapes, wanted)}):\n"
+        + "\n".join(lines))
+
+
+def _which_change(shapes, wanted):
+  """The likely cause: a NaFlex image tower on one side only (its patch embedding is dense,
+  2-D, where the fixed-resolution tower's is a convolution, 4-D), else any setting."""
+  kernel = "params/img/embedding/kernel"
+  ranks = [len(d.get(kernel, ())) for d in (shapes, wanted)]
+  if sorted(ranks) == [2, 4]:
+    towers = {2: "a NaFlex image tower", 4: "a fixed-resolution one"}
+    return (f"the checkpoint holds {towers[ranks[0]]} and the config {towers[ranks[1]]}: config "
+            "key `model.image_model` differs; a fixed-resolution run continues as NaFlex only "
+            "through model_init, SigLIP 2's switch")
+  return "were model or optimizer settings changed?"
 
 
 def verify(record, tree, prefix=""):

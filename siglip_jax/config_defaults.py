@@ -16,17 +16,23 @@ import ml_collections
 # keyword arguments of `models.ViT` / `models.TextTransformer` (tests hold the lists to them).
 IMAGE_TOWER_KEYS = ("variant", "patch_size", "width", "depth", "mlp_dim", "num_heads",
                     "pool_type", "posemb", "scan", "remat_policy", "num_classes", "rep_size",
-                    "head_zeroinit", "dtype", "attention_impl", "dtype_mm")
+                    "head_zeroinit", "dtype", "attention_impl", "dtype_mm",
+                    "posemb_grid")   # NaFlex: the learned position table's side
 TEXT_TOWER_KEYS = ("variant", "width", "depth", "mlp_dim", "num_heads", "vocab_size",
                    "pool_type", "scan", "remat_policy", "num_classes", "dtype", "attention_impl",
                    "dtype_mm")
-SCHEDULE_KEYS = ("decay", "warmup_steps", "cooldown_steps", "end_lr_frac", "timescale")
+SCHEDULE_KEYS = ("decay", "warmup_steps", "cooldown_steps", "end_lr_frac", "timescale",
+                 # continue_init: model_init's run's schedule from its step on, stretched over
+                 # this run (SigLIP 2's NaFlex switch); the other two are what it resolves to.
+                 "continue_init", "source_total_steps", "offset_steps")
 MIXTURE_SPEC_KEYS = ("shards", "dir", "tfds_name", "split", "tfds_data_dir", "image_key",
                      "text_key", "region_key", "region_box_key", "region_caption_key",
                      "box_order")
 # evals.<name>: keys by `kind` (the name is free; `kind` defaults to the name).
 EVAL_KEYS = {
     "shapes": ("kind", "every_steps", "batch_size", "num_heldout", "num_unseen"),
+    "shapes_naflex": ("kind", "every_steps", "batch_size", "num_heldout", "num_unseen",
+                      "base_size"),
     "scenes": ("kind", "every_steps", "num_heldout", "num_unseen", "num_probe_train"),
     "zeroshot": ("kind", "every_steps", "batch_size", "prompts", "source", "path", "tfds_name",
                  "split", "data_dir", "image_key", "label_key", "class_names", "max_examples"),
@@ -86,8 +92,14 @@ def base():
   c.input.decoder_len = 64         # tokens a decoder pass holds (eos "append", pad id 0)
   c.input.loc_bins = 1024          # a box coordinate is one of this many location tokens
   c.input.max_regions = 16         # regions an example keeps (the rest are dropped, counted)
+  # NaFlex (model.image_model = "proj.image_text.naflex_vit"): each image keeps its aspect ratio
+  # and is resized to fit the step's patch budget, drawn from seq_lens by (seed, step).
+  c.input.max_num_patches = 256    # the budget of the handle and the HF processor
+  c.input.seq_lens = ()            # per-step budgets, e.g. (128, 256, 576, 784, 1024); (): max
+  c.input.batch_size_by_len = ()   # ((length, global batch), ...): overrides input.batch_size
 
   c.model = ml_collections.ConfigDict()
+  c.model.image_model = "vit"      # vit | proj.image_text.naflex_vit (NaFlex, SigLIP 2)
   c.model.image = dict(B16_IMAGE)
   c.model.text = dict(B_TEXT)
   c.model.out_dim = (None, 768)    # MAP image pooling, no image head; a text head (HF's shape)

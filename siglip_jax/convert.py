@@ -3,9 +3,11 @@ r"""Converts a SigLIP model to HF transformers or to a big_vision `.npz`.
     python -m siglip_jax.convert --src=PATH --to=hf|big_vision --out=PATH [--overwrite]
 
 `--src`: a training workdir (latest checkpoint), one `DIR/checkpoints/<step>/` folder, a
-big_vision `.npz` or an HF SigLIP folder. `hf` writes a folder that transformers'
+big_vision `.npz` or an HF SigLIP / SigLIP 2 folder. `hf` writes a folder that transformers'
 `pipeline("zero-shot-image-classification")`, `AutoModel` and `AutoProcessor` load, with a
-tokenizer that gives the ids the model was trained on (interop/hf_tokenizer.py); `big_vision`
+tokenizer that gives the ids the model was trained on (interop/hf_tokenizer.py): a SiglipModel,
+or for a NaFlex model a Siglip2Model with its NaFlex processor (interop/hf_siglip2.py), which
+`big_vision` refuses (interop/naflex_spec.py says why); `big_vision`
 writes an `.npz` in the published layout (`params/...`, per-layer blocks), which big_vision and
 open_clip read, and beside it `<name>.json` (big_vision's two_towers config and preprocessing)
 and `<name>.model` (the SentencePiece model). docs/exports.md shows how each is used. Errors are
@@ -33,7 +35,7 @@ def convert(src, to, out, *, overwrite=False):
   What of the export will not work as a user expects (an HF export at a text length other than
   the pipeline's 64) is a `UserWarning`."""
   from siglip_jax import inference
-  from siglip_jax.interop import big_vision, hf
+  from siglip_jax.interop import big_vision, hf, hf_siglip2, naflex_spec
   if to not in ("hf", "big_vision"):
     raise ValueError(f"--to must be 'hf' or 'big_vision', not {to!r}")
   out = os.path.abspath(os.fspath(out))
@@ -52,13 +54,14 @@ def convert(src, to, out, *, overwrite=False):
     raise IsADirectoryError(f"{out} is a folder; --to=big_vision writes one .npz file")
   source = inference.read_source(src)
   tokenizer = source.tokenizer()
+  naflex = naflex_spec.is_naflex(source.spec)
   if to == "hf":
     hf.check_exportable(hf.sincos_as_table({}, source.spec)[1])   # before `out` is touched
     # Written beside `out`, then moved into place: a failed export never leaves half a folder,
     # nor removes the old one.
     tmp = f"{out}.tmp{os.getpid()}"
     try:
-      hf.save(source.params, source.spec, tmp, tokenizer)
+      (hf_siglip2 if naflex else hf).save(source.params, source.spec, tmp, tokenizer)
       if os.path.isdir(out) and not os.path.islink(out):
         shutil.rmtree(out)
       elif os.path.lexists(out):
@@ -68,6 +71,7 @@ def convert(src, to, out, *, overwrite=False):
       shutil.rmtree(tmp, ignore_errors=True)
     problems = hf.export_warnings(source.spec, tokenizer)
   else:
+    naflex_spec.check_big_vision_export(source.spec)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     big_vision.save(source.params, source.spec, out, tokenizer)
     problems = []
@@ -89,10 +93,8 @@ def main(argv):
       cli.fail(f"--{name} is required")
   with cli.user_errors(ValueError, OSError):
     spec = convert(f.src, f.to, f.out, overwrite=f.overwrite)
-  i, t = spec["image"], spec["text"]
-  print(f"wrote {f.out} ({f.to}): image {spec['image_size']}px/{i['patch_size'][0]} "
-        f"width {i['width']} depth {i['depth']}; text len {spec['text_len']} vocab "
-        f"{t['vocab_size']} width {t['width']} depth {t['depth']}")
+  from siglip_jax.interop import big_vision
+  print(f"wrote {f.out} ({f.to}): {big_vision.describe(spec)}")
 
 
 if __name__ == "__main__":

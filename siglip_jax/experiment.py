@@ -8,7 +8,8 @@ import logging
 
 import numpy as np
 
-from siglip_jax import config_defaults, errors, losses, models, objectives, optim, perf
+from siglip_jax import config_defaults, errors, losses, models, naflex_config, objectives, optim
+from siglip_jax import perf
 from siglip_jax.models import text as text_model, two_towers, vit
 
 
@@ -21,7 +22,7 @@ class ConfigError(errors.UserError, ValueError):
 
 # Keys without a sensible default: every config sets them (config_defaults has the rest).
 REQUIRED_KEYS = ("seed", "total_steps", "input.batch_size", "mesh")
-DATA_KINDS = ("shapes", "scenes", "webdataset", "tfds", "folder", "synthetic")
+DATA_KINDS = ("shapes", "scenes", "shapes_naflex", "webdataset", "tfds", "folder", "synthetic")
 
 
 def _lookup(config, dotted):
@@ -87,6 +88,7 @@ def check_config(config, num_devices=None):
   if config.optim.name not in optim.OPTIMIZERS:
     raise ConfigError(f"config key `optim.name`: {config.optim.name!r} is unknown; "
                       f"use one of {', '.join(optim.OPTIMIZERS)}")
+  naflex_config.check_config(config)   # first: it says why SILC/TIPS don't go with NaFlex
   objectives.check_config(config)
   _clip_schedule_to_run(config)
   try:
@@ -250,13 +252,23 @@ def make_evaluators(config):
   return evals
 
 
-def example_batch(config, objectives):
-  """ShapeDtypeStructs of a global batch: image and text, and what the objectives read."""
+def example_batch(config, objectives, seq_len=None):
+  """ShapeDtypeStructs of a global batch: the image (a NaFlex run's patches, patch mask and
+  grid shapes at `seq_len`, default its longest length) and text, and what the objectives
+  read."""
   import jax
   import jax.numpy as jnp
-  b, size = config.input.batch_size, config.input.image_size
-  out = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
-         "text": jax.ShapeDtypeStruct((b, config.input.text_len), jnp.int32)}
+  if naflex_config.is_naflex(config):
+    n = seq_len or max(naflex_config.seq_lens(config))
+    b = naflex_config.batch_sizes(config).get(n, config.input.batch_size)
+    p = naflex_config.patch_size(config)
+    out = {"patches": jax.ShapeDtypeStruct((b, n, p * p * 3), jnp.float32),
+           "patch_mask": jax.ShapeDtypeStruct((b, n), jnp.int32),
+           "spatial_shapes": jax.ShapeDtypeStruct((b, 2), jnp.int32)}
+  else:
+    b, size = config.input.batch_size, config.input.image_size
+    out = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
+  out["text"] = jax.ShapeDtypeStruct((b, config.input.text_len), jnp.int32)
   for o in objectives:
     out.update({k: jax.ShapeDtypeStruct((b, *shape), dtype)
                 for k, (shape, dtype) in o.batch_spec(config).items()})

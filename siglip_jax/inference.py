@@ -2,8 +2,8 @@
 
 Used by `siglip_jax.load` (`load` below: a workdir, checkpoint, big_vision `.npz` or HF folder),
 by the evaluators during training and by the notebook. Inputs are cut into fixed-size batches
-(the last one padded) so each tower compiles once; with a mesh, each batch is sharded over its
-batch axes, each process giving its own slice.
+(the last one padded) so each tower compiles once (a NaFlex tower once per sequence length);
+with a mesh, each batch is sharded over its batch axes, each process giving its own slice.
 """
 import logging
 import os
@@ -22,12 +22,25 @@ TOWER_NAMES = ("img", "txt", "t", "b")   # what exports and the towers hold
 
 class SigLIP:
   """encode_image(float32 [N,H,W,3] in [-1,1]) / encode_text(int32 [N,L]) -> [N,D] normalized;
-  encode_patches(images) -> the image tower's patch tokens [N, h*w, width] (before pooling)."""
+  encode_patches(images) -> the image tower's patch tokens [N, h*w, width] (before pooling).
+
+  A NaFlex model (`two_towers.is_naflex(model)`) has `image_size` None, `max_num_patches` (the
+  default patch budget) and `preprocess`; its `encode_image` takes a list of uint8 [H, W, 3]
+  arrays or PIL images of any sizes, or the dict `preprocess` returns."""
 
   def __init__(self, model, params, *, image_size, text_len, vocab_size, tokenizer=None,
-               batch_size=256, mesh=None, config=None, decoding=None):
+               batch_size=256, mesh=None, config=None, decoding=None, max_num_patches=None):
+    from siglip_jax.models import two_towers
     self.model, self.params, self.decoding = model, params, decoding
-    self.image_size, self.text_len, self.vocab_size = int(image_size), int(text_len), int(vocab_size)
+    self.naflex = two_towers.is_naflex(model)
+    if self.naflex:
+      from siglip_jax.interop import naflex_spec
+      self.image_size = None
+      self.max_num_patches = int(max_num_patches or naflex_spec.DEFAULT_MAX_NUM_PATCHES)
+      self.patch_size = two_towers.image_tower(model).dims["patch_size"][0]
+    else:
+      self.image_size, self.max_num_patches, self.patch_size = int(image_size), None, None
+    self.text_len, self.vocab_size = int(text_len), int(vocab_size)
     self.tokenizer, self.config, self.mesh = tokenizer, config, mesh
     if mesh is not None:
       from siglip_jax import mesh as mesh_lib
@@ -51,27 +64,32 @@ class SigLIP:
   def b(self):
     return float(np.asarray(jax.device_get(self.params["b"])).reshape(())) if "b" in self.params else 0.0
 
-  def _run(self, fn, x, dtype):
-    x = np.asarray(x, dtype)
-    if len(x) == 0:
+  def _run(self, fn, x, dtype=None):
+    """`fn` over `x` (an array, or a dict of arrays with one leading batch axis) in batches of
+    `batch_size`, the last one padded with copies of its last row."""
+    x = jax.tree.map(lambda a: np.asarray(a, dtype), x)
+    total = len(jax.tree.leaves(x)[0])
+    if total == 0:
       raise ValueError("nothing to encode: the input is empty")
     out = []
-    for start in range(0, len(x), self.batch_size):
-      chunk = x[start:start + self.batch_size]
-      n = len(chunk)
+    for start in range(0, total, self.batch_size):
+      chunk = jax.tree.map(lambda a: a[start:start + self.batch_size], x)
+      n = min(self.batch_size, total - start)
       if n < self.batch_size:   # pad to the compiled size
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, 0)])
+        chunk = jax.tree.map(
+            lambda a: np.concatenate([a, np.repeat(a[-1:], self.batch_size - n, 0)]), chunk)
       out.append(self._gather(fn(self.params, self._put(chunk)))[:n])
     return np.concatenate(out).astype(np.float32)
 
   def _put(self, chunk):
     if self.mesh is None or jax.process_count() == 1:
-      return jnp.asarray(chunk)
+      return jax.tree.map(jnp.asarray, chunk)
     from siglip_jax import mesh as mesh_lib
     sharding = NamedSharding(self.mesh, P(mesh_lib.batch_axes(self.mesh)))
-    per = len(chunk) // jax.process_count()
-    local = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
-    return jax.make_array_from_process_local_data(sharding, local)
+    per = len(jax.tree.leaves(chunk)[0]) // jax.process_count()
+    lo = jax.process_index() * per
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, a[lo:lo + per]), chunk)
 
   @staticmethod
   def _gather(y):
@@ -88,13 +106,67 @@ class SigLIP:
     return images
 
   def encode_image(self, images):
+    if self.naflex:
+      return self._run(self._img, self._naflex_batch(images))
     return self._run(self._img, self._check_images(images, "encode_image"), np.float32)
 
   def encode_patches(self, images):
     """The image tower's patch tokens before the MAP head (or other pooling; a [cls] token is
     left out): float32 [N, h*w, width], row-major over the patch grid, for images as
     `encode_image` takes them (float32 [N, H, W, 3] in [-1, 1])."""
+    if self.naflex:
+      raise ValueError("encode_patches is not implemented for NaFlex models (each image has "
+                       "its own patch grid): apply the model to preprocess(images) and read "
+                       "`img/encoded` with `patch_mask` instead")
     return self._run(self._patches, self._check_images(images, "encode_patches"), np.float32)
+
+  # NaFlex models: images of any size, cut into at most `max_num_patches` patches each.
+
+  def preprocess(self, images, max_num_patches=None):
+    """A list of uint8 [H, W, 3] arrays or PIL images (any sizes) -> {"patches": float32
+    [N, max_num_patches, p*p*3] in [-1, 1] (padding 0), "patch_mask": int32 [N, max_num_patches],
+    "spatial_shapes": int32 [N, 2]}, resized as transformers' Siglip2ImageProcessor does."""
+    from siglip_jax.data import naflex
+    if not self.naflex:
+      raise ValueError(f"preprocess is for NaFlex models; this one takes float32 [N, "
+                       f"{self.image_size}, {self.image_size}, 3] images in [-1, 1]")
+    budget = int(max_num_patches or self.max_num_patches)
+    rows = []
+    for i, image in enumerate(images):
+      try:
+        rows.append(naflex.encode(_uint8_rgb(image, i), self.patch_size, budget))
+      except ValueError as e:   # naflex.TooManyPatches included
+        raise ValueError(f"preprocess: image {i}: {e}") from None
+    if not rows:
+      raise ValueError("nothing to encode: the input is empty")
+    batch = {k: np.stack([r[k] for r in rows]) for k in naflex.KEYS}
+    batch["patches"] = naflex.to_float(batch["patches"], batch["patch_mask"])
+    return batch
+
+  def _naflex_batch(self, images):
+    """`encode_image`'s input as the model's dict: preprocessed when it is a list of images."""
+    from siglip_jax.data import naflex
+    if not isinstance(images, dict):
+      if isinstance(images, np.ndarray) and images.dtype != np.uint8:
+        raise ValueError("encode_image of a NaFlex model takes a list of uint8 [H, W, 3] images "
+                         "(or PIL images) or the dict preprocess(images) returns; got a "
+                         f"{images.dtype} array {images.shape}")
+      return self.preprocess(images)
+    missing = [k for k in naflex.KEYS if k not in images]
+    if missing:
+      raise ValueError(f"encode_image: the NaFlex batch dict lacks {missing}; it needs "
+                       f"{list(naflex.KEYS)} (as preprocess returns)")
+    patches, mask = np.asarray(images["patches"]), np.asarray(images["patch_mask"], np.int32)
+    shapes = np.asarray(images["spatial_shapes"], np.int32)
+    width = self.patch_size ** 2 * 3
+    if (patches.ndim != 3 or patches.shape[-1] != width or mask.shape != patches.shape[:2]
+        or shapes.shape != (len(patches), 2)):
+      raise ValueError(f"encode_image: a NaFlex batch is patches [N, L, {width}], patch_mask "
+                       f"[N, L], spatial_shapes [N, 2]; got {patches.shape}, {mask.shape}, "
+                       f"{shapes.shape}")
+    if patches.dtype == np.uint8:   # data/naflex.py's encode_batch: not yet in [-1, 1]
+      patches = naflex.to_float(patches, mask)
+    return {"patches": patches.astype(np.float32), "patch_mask": mask, "spatial_shapes": shapes}
 
   def encode_text(self, tokens):
     tokens = np.asarray(tokens)
@@ -136,6 +208,17 @@ class SigLIP:
   def describe(self, images, boxes):
     """Captions of the regions `boxes` [N, 4] of images (grounded captioning)."""
     return self._decoder().describe(images, np.asarray(boxes, np.float32))
+
+
+def _uint8_rgb(image, index):
+  """A PIL image or uint8 [H, W, 3] array -> uint8 [H, W, 3]; ValueError naming `index`."""
+  if hasattr(image, "convert") and hasattr(image, "size"):   # PIL, without importing it
+    image = image.convert("RGB")
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+    raise ValueError(f"preprocess: image {index} is a {arr.dtype} array {arr.shape}; expected "
+                     "uint8 [H, W, 3] (or a PIL image)")
+  return arr
 
 
 def _patch_tokens(out):
@@ -187,7 +270,8 @@ def _checkpoint_source(path):
   spec = big_vision.infer_spec(
       flat, image={"pool_type": img.get("pool_type", "map"), "posemb": img.get("posemb", "learn")},
       text={"pool_type": txt.get("pool_type", "last")},
-      image_size=inp.get("image_size"), text_len=inp.get("text_len"))
+      image_size=inp.get("image_size"), text_len=inp.get("text_len"),
+      max_num_patches=inp.get("max_num_patches"))   # a NaFlex run's handle and HF budget
   big_vision.check_params(flat, spec, f"checkpoint {path}")
   sp = inp.get("tokenizer") or tok.DEMO_MODEL
   if not os.path.isfile(sp):
@@ -197,10 +281,10 @@ def _checkpoint_source(path):
 
 
 def read_source(path):
-  """A training workdir, a checkpoint folder, a big_vision `.npz` or an HF SigLIP folder; all
-  but the HF folder may also be URLs (gs://...)."""
+  """A training workdir, a checkpoint folder, a big_vision `.npz` or an HF SigLIP or SigLIP 2
+  (NaFlex) folder; all but the HF folder may also be URLs (gs://...)."""
   from siglip_jax import paths
-  from siglip_jax.interop import big_vision, hf
+  from siglip_jax.interop import big_vision, hf, hf_siglip2
   path = os.fspath(path)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"no such file or folder: {path}")
@@ -210,7 +294,8 @@ def read_source(path):
     return Source(*big_vision.load_npz(path), None, "big_vision")
   if not paths.is_remote(path) and hf.is_hf_folder(path):
     from siglip_jax.interop import hf_tokenizer
-    return Source(*hf.load(path), "hf", hf_tokenizer.read_options(path))
+    reader = hf_siglip2 if hf_siglip2.is_folder(path) else hf
+    return Source(*reader.load(path), "hf", hf_tokenizer.read_options(path))
   return _checkpoint_source(path)
 
 
@@ -229,7 +314,8 @@ def load(path, *, batch_size=64):
     decoding = _decoding(model, nested, src.decoder, spec["text"]["vocab_size"], tokenizer)
   return SigLIP(model, nested, image_size=spec["image_size"], text_len=spec["text_len"],
                 vocab_size=spec["text"]["vocab_size"], tokenizer=tokenizer,
-                batch_size=batch_size, config=spec, decoding=decoding)
+                batch_size=batch_size, config=spec, decoding=decoding,
+                max_num_patches=spec.get("max_num_patches"))
 
 
 def _decoding(model, tower_params, decoder, text_vocab, tokenizer):

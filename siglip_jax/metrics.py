@@ -99,10 +99,13 @@ class Progress:
     self._t0, self._s0 = time.perf_counter(), first_step
     self.pairs_per_s = float("nan")
 
-  def update(self, step, loss=None):
+  def update(self, step, loss=None, pairs=None):
+    """`pairs`: trained since the last call (default: steps x batch_size; NaFlex batches vary
+    with the length)."""
     now = time.perf_counter()
     if step > self._s0:
-      self.pairs_per_s = (step - self._s0) * self.batch / (now - self._t0)
+      pairs = (step - self._s0) * self.batch if pairs is None else pairs
+      self.pairs_per_s = pairs / (now - self._t0)
     self._t0, self._s0 = now, step
     if not self.enabled:
       return self.pairs_per_s

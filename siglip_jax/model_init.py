@@ -51,6 +51,31 @@ def resample_posemb(old, new_shape):
   return grid.reshape(1, g_new * g_new, -1).astype(old.dtype)
 
 
+def to_naflex(name, value, shape):
+  """SigLIP 2's switch to NaFlex, for the two image params whose layout differs: the patch
+  convolution's kernel [p, p, 3, D] is the dense patch embedding [p*p*3, D] (a patch's pixels
+  in (row, column, channel) order, the order `data/naflex.py` cuts them in), and the position
+  table [1, g*g, D] is the NaFlex grid [g, g, D] (resampled first if g differs). Returns the
+  converted value, or None when `name` is not one of them or the shapes say no switch."""
+  value = np.asarray(value)
+  if name == "img/embedding/kernel" and value.ndim == 4 and len(shape) == 2:
+    return value.reshape(-1, value.shape[-1])
+  if name == "img/pos_embedding" and value.ndim == 3 and value.shape[0] == 1 \
+      and len(shape) == 3 and shape[0] == shape[1]:
+    g = shape[0]
+    return resample_posemb(value, (1, g * g, shape[2])).reshape(shape)
+  return None
+
+
+def _naflex_mismatch(name, value, shape, path):
+  """A NaFlex checkpoint into a fixed-resolution model: one message naming both."""
+  if name == "img/embedding/kernel" and np.ndim(value) == 2 and len(shape) == 4:
+    return (f"{path} holds a NaFlex image tower (img/embedding/kernel {tuple(np.shape(value))}, "
+            "a dense patch embedding) but config key `model.image_model` is 'vit' (a "
+            "convolution): set model.image_model='proj.image_text.naflex_vit' to use it")
+  return None
+
+
 def _put(value, like):
   """`value` (host numpy) as a global array with `like`'s shape, dtype and sharding. From a
   callback, so each process fills only its own devices' shards."""
@@ -84,6 +109,13 @@ def load_init_params(path, init_params, *, dont_load=()):
       out.append(init)
       continue
     value = loaded[name]
+    switched = to_naflex(name, value, tuple(init.shape))
+    if switched is not None and switched.shape == tuple(init.shape):
+      resampled.append(f"{name} {value.shape} -> {switched.shape} (fixed resolution -> NaFlex)")
+      value = switched
+    wrong_tower = _naflex_mismatch(name, value, tuple(init.shape), path)
+    if wrong_tower:
+      raise ValueError(wrong_tower)
     if tuple(value.shape) != tuple(init.shape):
       if _is_image_posemb(name):
         try:
@@ -132,8 +164,8 @@ def check_source(path):
     if not path.endswith(".npz"):
       problem = "a file must be a big_vision .npz checkpoint"
   else:
-    step_dir = os.path.basename(path.rstrip("/")).isdigit() and paths.isdir(
-        paths.join(path, "state"))
+    step_dir = os.path.basename(path.rstrip("/")).isdigit() and epath.Path(
+        paths.join(path, "state")).is_dir()
     directory = path if epath.Path(path).is_dir() and not epath.Path(
         paths.join(path, "checkpoints")) else paths.join(path, "checkpoints")
     if not step_dir and not checkpoint.committed_steps(directory):
@@ -141,3 +173,29 @@ def check_source(path):
                  "one checkpoints/<step>/ folder or a big_vision .npz")
   if problem:
     raise experiment.ConfigError(f"config key `model_init`: {path}: {problem}")
+
+
+def continue_schedule(config):
+  """`optim.schedule.continue_init`: the schedule of the run `model_init` comes from, from the
+  step of that checkpoint on, stretched over this run's total_steps (SigLIP 2 switches to
+  NaFlex at 90% and stretches the last 10% 3.75x), its peak lr included, so the first update
+  here uses the learning rate the source had reached. Resolved in place, said in the log."""
+  sched = dict(config.optim.schedule)
+  if not sched.get("continue_init") or "source_total_steps" in sched:
+    return
+  from siglip_jax import checkpoint_read, experiment
+  if not config.model_init or str(config.model_init).endswith(".npz"):
+    raise experiment.ConfigError("config key `optim.schedule.continue_init` needs model_init to "
+                                 "be a siglip_jax workdir or checkpoint (its run's schedule)")
+  source = checkpoint_read.read(config.model_init)
+  optim_cfg = source.config.get("optim") or {}
+  total = int(source.config.get("total_steps") or 0)
+  if not optim_cfg or source.step >= total:
+    raise experiment.ConfigError(f"config key `optim.schedule.continue_init`: the run of "
+                                 f"{config.model_init} has no schedule left to continue (step "
+                                 f"{source.step} of {total})")
+  config.optim.lr = float(optim_cfg["lr"])
+  config.optim.schedule = {**dict(optim_cfg.get("schedule") or {}), "continue_init": True,
+                           "source_total_steps": total, "offset_steps": int(source.step)}
+  _log.info("optim.schedule: continuing %s from its step %d of %d, stretched over %d steps",
+            config.model_init, source.step, total, config.total_steps)

@@ -29,9 +29,21 @@ def _get(cfg, key, default):
 
 
 def make_schedule(optim_cfg, total_steps):
-  """lr(step) for step = number of completed updates (the first update uses step 0)."""
+  """lr(step) for step = number of completed updates (the first update uses step 0).
+
+  With `source_total_steps` and `offset_steps` (what `model_init.continue_schedule` writes for
+  `continue_init`), the schedule is another run's, from its step `offset_steps` on, stretched
+  over this run's `total_steps`: step s is the source's step offset + s * (T0 - offset) / total.
+  """
   sched = dict(_get(optim_cfg, "schedule", {}) or {})
-  base = float(optim_cfg.lr)
+  sched.pop("continue_init", None)   # resolved (or not) into the two keys below
+  if "source_total_steps" in sched:
+    source_total = int(sched.pop("source_total_steps"))
+    offset = int(sched.pop("offset_steps", 0))
+    source = make_schedule({"lr": optim_cfg["lr"], "schedule": sched}, source_total)
+    stretch = (source_total - offset) / max(int(total_steps), 1)
+    return lambda step: source(offset + jnp.asarray(step, jnp.float32) * stretch)
+  base = float(_get(optim_cfg, "lr", 0.0))
   decay = sched.get("decay", "cosine")
   if decay not in DECAYS:
     raise ValueError(f"config key `optim.schedule.decay`: {decay!r} is unknown; "

@@ -48,9 +48,18 @@ class PerfMeter:
   """Turns the measured pairs/s into the perf/* metrics of one log step."""
 
   def __init__(self, config, model, *, objectives=(), stream=sys.stdout, enabled=True):
-    self._flops = lambda objs: flops.train_flops_per_pair(  # noqa: E731
-        model, image_size=config.input.image_size, text_len=config.input.text_len,
-        global_batch=config.input.batch_size, objectives=objs)
+    from siglip_jax import naflex_config   # pylint: disable=import-outside-toplevel
+    # A NaFlex sequence of n patches costs what an image one patch high and n patches wide
+    # does (the same tokens through the same layers, padding included: it is computed).
+    patch = naflex_config.patch_size(config) if naflex_config.is_naflex(config) else None
+    batches = naflex_config.batch_sizes(config) if patch else {}
+
+    def image_size(seq_len):
+      return config.input.image_size if patch is None else (seq_len * patch, patch)
+    self._flops = lambda objs, n=None: flops.train_flops_per_pair(  # noqa: E731
+        model, image_size=image_size(n or max(batches or [0])),
+        text_len=config.input.text_len,
+        global_batch=batches.get(n, config.input.batch_size), objectives=objs)
     self.objectives = tuple(objectives)
     self.flops_per_pair = self._flops(self.objectives)
     self.num_devices = jax.device_count()
@@ -61,12 +70,15 @@ class PerfMeter:
             "(set --config.peak_tflops=TFLOPS_PER_DEVICE to get it)", file=stream, flush=True)
     self._mem_note = enabled
 
-  def metrics(self, pairs_per_s, active=None):
+  def metrics(self, pairs_per_s, active=None, seq_len=None):
     """`active`: the names of the objectives trained at this step (default: all), so the
-    FLOPs count SILC/TIPS's teacher and views only from their switch on."""
+    FLOPs count SILC/TIPS's teacher and views only from their switch on. `seq_len`: a NaFlex
+    step's length (default: the longest)."""
     per_pair = self.flops_per_pair
-    if active is not None:
-      per_pair = self._flops([o for o in self.objectives if o.name in active])
+    if active is not None or seq_len is not None:
+      objs = self.objectives if active is None else [
+          o for o in self.objectives if o.name in active]
+      per_pair = self._flops(objs, seq_len)
     tflops = per_pair * pairs_per_s / self.num_devices / 1e12
     mem, source = device_memory_gib()
     if self._mem_note and source == "host_rss":

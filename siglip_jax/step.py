@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from siglip_jax.models import naflex_vit
 from siglip_jax.objectives import distill
 
 
@@ -33,15 +34,23 @@ def tower_params(params, objectives):
   return {k: v for k, v in params.items() if k not in own}
 
 
+def image_input(batch):
+  """What the image tower takes from a batch: `image`, or a NaFlex batch's three arrays."""
+  if "image" in batch:
+    return batch["image"]
+  return {k: batch[k] for k in naflex_vit.INPUT_KEYS}
+
+
 def tower_outputs(model, params, batch, train=False):
   """The towers' intermediates plus `zimg`, `ztxt`: what objectives read."""
-  zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=train)
+  zimg, ztxt, out = model.apply({"params": params}, image_input(batch), batch["text"],
+                                train=train)
   return dict(out, zimg=zimg, ztxt=ztxt)
 
 
 def init_params(model, objectives, rng, example_batch):
   """The towers' parameters and every objective's own (the decoder's, ...)."""
-  params = dict(model.init(rng, example_batch["image"], example_batch["text"])["params"])
+  params = dict(model.init(rng, image_input(example_batch), example_batch["text"])["params"])
   extra = [o for o in objectives if o.param_names]
   if extra:
     tower_out = tower_outputs(model, params, example_batch)

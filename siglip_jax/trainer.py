@@ -1,6 +1,7 @@
 """The training loop: wires mesh, state, data, the jitted step, checkpoints, evals, metrics."""
 import contextlib
 import functools
+import math
 import sys
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, objectives
-from siglip_jax import optim, step
+from siglip_jax import naflex_config, optim, step
 from siglip_jax.objectives import distill, distill_config
 from siglip_jax import paths, perf, workdir_lease
 
@@ -29,6 +30,9 @@ def build(config, workdir=None):
     mesh_lib.check_batch_size(config.input.batch_size, mesh)
   except ValueError as e:
     raise experiment.ConfigError(str(e)) from None  # names input.batch_size
+  # Each NaFlex length's batch splits over the batch axes' devices and the processes too.
+  naflex_config.check_config(config, batch_devices=math.lcm(mesh_lib.batch_size_divisor(mesh),
+                                                            jax.process_count()))
   tokenizer = experiment.make_tokenizer(config)
   model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
   objs = objectives.build(config, towers=model, text_vocab=vocab_size, mesh=mesh)
@@ -128,10 +132,13 @@ def inference_handle(config, parts, params):
       from siglip_jax import decoding as decoding_lib
       decoding = decoding_lib.Decoding(parts["model"], towers, o.decoder, params["decoder"],
                                        parts["tokenizer"])
-  return inference.SigLIP(parts["model"], towers, image_size=config.input.image_size,
+  naflex = naflex_config.is_naflex(config)
+  extra = {"max_num_patches": int(config.input.max_num_patches)} if naflex else {}
+  return inference.SigLIP(parts["model"], towers,
+                          image_size=None if naflex else config.input.image_size,
                           text_len=config.input.text_len, vocab_size=parts["vocab_size"],
                           tokenizer=parts["tokenizer"], mesh=parts["mesh"], config=config,
-                          decoding=decoding)
+                          decoding=decoding, **extra)
 
 
 def run_evals(evaluators, config, parts, params, step_no, writer, force=False):
@@ -175,6 +182,7 @@ def train(config, workdir):
   if config.model_init:
     from siglip_jax import model_init  # fine-tune start only; the module reads checkpoints
     model_init.check_source(config.model_init)
+    model_init.continue_schedule(config)
   is_main = jax.process_index() == 0
   # A local folder or a URL (gs://...; see siglip_jax.paths). A bucket needs no folders: one
   # placeholder from process 0, not one write of the same object from every host.
@@ -230,10 +238,12 @@ def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
   perf_meter = perf.PerfMeter(config, parts["model"], objectives=parts["objectives"],
                               enabled=is_main)
   final = {}
-  wait_s = 0.0
+  wait_s, pairs = 0.0, 0
+  plan = getattr(data, "plan", None)   # NaFlex: each step's length and batch
   for step_no in range(first + 1, total + 1):
     _, batch, wait = next(data)
     wait_s += wait
+    pairs += getattr(data, "last_batch_size", config.input.batch_size)
     profiler.before_step(step_no)
     if step_no - 1 == switch_at:
       state = parts["switch"](state)   # SILC/TIPS start: fresh heads, teacher = student
@@ -243,12 +253,15 @@ def _loop(config, parts, state, first, data, ckpt, writer, evaluators, profiler,
     if step_no % config.log_every_steps == 0 or last:
       _check_finite(state)
       host = jax.device_get(step_metrics)
-      pairs_per_s = progress.update(step_no, float(host["train/loss"]))
+      pairs_per_s = progress.update(step_no, float(host["train/loss"]), pairs)
       host.update({"train/pairs_per_s": pairs_per_s, "perf/data_wait_s": wait_s,
                    **data.metrics(),
                    **perf_meter.metrics(pairs_per_s, objectives.active_names(
-                       parts["objectives"], step_no - 1))})
-      wait_s = 0.0
+                       parts["objectives"], step_no - 1),
+                       seq_len=plan.length(step_no - 1) if plan is not None else None)})
+      if plan is not None:
+        host["train/seq_len"] = plan.length(step_no - 1)
+      wait_s, pairs = 0.0, 0
       writer.write(step_no, host)
     # Every step: the checkpointer alone decides (schedule, last step, preemption notice).
     if ckpt.maybe_save(step_no, state, data.state, last=last, check=_check_finite):

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from siglip_jax import errors
+from siglip_jax.data import naflex
 from siglip_jax.data import preprocess as pp
 from siglip_jax.data import sources
 from siglip_jax.data import views as views_lib
@@ -115,12 +116,15 @@ class StepLoader:
   """
 
   def __init__(self, source, preprocessor, *, seed, global_batch, rows, threads=4,
-               views_from=None):
+               views_from=None, plan=None, rows_by_batch=None):
     self.source, self.pre = source, preprocessor
     # Steps from this one on also draw SILC/TIPS's views (None: never).
     self.views_from = None if views_from is None or not preprocessor.views else int(views_from)
     self.seed, self.global_batch = int(seed), int(global_batch)
     self.rows = np.asarray(rows, np.int64)
+    # NaFlex: step s's length, batch and first slot (`naflex.LengthPlan`), and this process's
+    # rows of a batch of each size.
+    self.plan, self.rows_by_batch = plan, dict(rows_by_batch or {})
     self.n = len(source)
     self.perm = Permutation(self.n, seed)
     self.threads = max(1, int(threads))
@@ -148,9 +152,10 @@ class StepLoader:
       i = (i + 1 + int(_hash(self.seed, epoch, i, attempt) % np.uint64(self.n - 1))) % self.n
     return int(self.perm(epoch, np.array([i]))[0])
 
-  def example(self, slot, tokenize=True, first=None, with_views=False):
+  def example(self, slot, tokenize=True, first=None, with_views=False, seq_len=None):
     """(example dict, record index, list of skip reasons) for one slot. `first`: the slot's own
-    (record, raw record) when the caller has read it already."""
+    (record, raw record) when the caller has read it already; `seq_len`: a NaFlex budget."""
+    extra = {} if seq_len is None else {"seq_len": seq_len}
     reasons = []
     for attempt in range(min(MAX_ATTEMPTS, 10 * self.n + 10)):
       if attempt == 0 and first is not None:
@@ -159,7 +164,8 @@ class StepLoader:
         record = self.candidates(slot, attempt)
         raw = self.source[record]
       try:
-        return self.pre(raw, slot, tokenize=tokenize, with_views=with_views), record, reasons
+        return (self.pre(raw, slot, tokenize=tokenize, with_views=with_views, **extra), record,
+                reasons)
       except pp.BadRecord as e:
         reasons.append(e.reason)
         if self._bad_logged < _LOG_FIRST_BAD:
@@ -172,13 +178,20 @@ class StepLoader:
                           f"row were unusable at slot {slot} ({counts}); run python -m "
                           "siglip_jax.data.check on it")
 
-  def _examples(self, slots, firsts, with_views=False):
-    return [self.example(s, tokenize=False, first=f, with_views=with_views)
+  def _examples(self, slots, firsts, with_views=False, seq_len=None):
+    return [self.example(s, tokenize=False, first=f, with_views=with_views, seq_len=seq_len)
             for s, f in zip(slots, firsts)]
+
+  def step_slots(self, step):
+    """(this process's slots of step `step`, the step's NaFlex length or None)."""
+    if self.plan is None:
+      return (int(step) * self.global_batch + self.rows).tolist(), None
+    rows = self.rows_by_batch[self.plan.batch(step)]
+    return (self.plan.first_slot(step) + rows).tolist(), self.plan.length(step)
 
   def __call__(self, step):
     with_views = self.views_from is not None and int(step) >= self.views_from
-    slots = (int(step) * self.global_batch + self.rows).tolist()
+    slots, seq_len = self.step_slots(step)
     read_batch = getattr(self.source, "_getitems", None)
     pooled = self.threads > 1 and len(slots) > 1
     if read_batch is not None and slots:
@@ -198,19 +211,21 @@ class StepLoader:
 
       def run(part):
         return self._examples([slots[j] for j in part], [firsts[j] for j in part],
-                              with_views)
+                              with_views, seq_len)
       results = [r for done in self._pool.map(run, parts) for r in done]
     else:
-      results = self._examples(slots, firsts, with_views)
+      results = self._examples(slots, firsts, with_views, seq_len)
     size = self.pre.image_size
     if not results:   # a process with no rows (never with today's meshes): empty arrays
+      assert self.plan is None, "every process holds rows of a NaFlex batch"
       return {"image": np.zeros((0, size, size, 3), np.uint8),
               "text": np.zeros((0, self.pre.text_len), np.int32),
               "record": np.zeros(0, np.int64), "skipped": np.zeros(0, np.int64),
               "step": int(step)}
     # One tokenizer call for the batch (the same rows as one call per caption, a tenth the time).
     text = self.pre.tokenizer.encode([ex["text"] for ex, _, _ in results], self.pre.text_len)
-    out = {"image": np.stack([ex["image"] for ex, _, _ in results]),
+    image_keys = NAFLEX_KEYS if self.plan is not None else ("image",)
+    out = {**{k: np.stack([ex[k] for ex, _, _ in results]) for k in image_keys},
            "text": np.asarray(text, np.int32),
            "record": np.array([r for _, r, _ in results], np.int64),
            "skipped": np.array([len(why) for _, _, why in results], np.int64),
@@ -222,9 +237,10 @@ class StepLoader:
 
 
 DECODER_KEYS = ("dec_inputs", "dec_targets", "dec_task")   # the LocCa passes (preprocess)
+NAFLEX_KEYS = naflex.KEYS   # a NaFlex batch's image: patches, patch_mask, spatial_shapes
 # What travels to the devices besides the image; the rest (record ids, counts, the padded regions)
 # stays on the host.
-DEVICE_KEYS = ("text",) + DECODER_KEYS + ("tips_mask",)
+DEVICE_KEYS = ("text", "patch_mask", "spatial_shapes") + DECODER_KEYS + ("tips_mask",)
 VIEW_KEYS = views_lib.KEYS    # SILC/TIPS's crops and patch mask, from the switch step on
 
 
@@ -287,12 +303,16 @@ class Batches:
 
   def __init__(self, source, preprocessor, *, global_batch, sharding, seed, start_step=0,
                skipped=0, skipped_regions=0, workers=0, threads=4, prefetch=2,
-               views_from=None):
-    self.global_batch, self.sharding = int(global_batch), sharding
+               views_from=None, plan=None):
+    self.global_batch, self.sharding, self.plan = int(global_batch), sharding, plan
     self._rows = local_rows(sharding, self.global_batch)
-    self._where = {int(r): i for i, r in enumerate(self._rows)}
+    sizes = {self.global_batch} | ({int(b) for b in plan.sizes} if plan is not None else set())
+    rows_by_batch = {b: local_rows(sharding, b) for b in sorted(sizes)}
+    # Per global batch size: where each global row sits among this process's rows.
+    self._where = {b: {int(r): i for i, r in enumerate(rows)} for b, rows in rows_by_batch.items()}
     self.loader = StepLoader(source, preprocessor, seed=seed, global_batch=global_batch,
-                             rows=self._rows, threads=threads, views_from=views_from)
+                             rows=self._rows, threads=threads, views_from=views_from,
+                             plan=plan, rows_by_batch=rows_by_batch)
     self.position = int(start_step)
     # Running totals: records (all runs so far) and, with a decoder, regions dropped.
     self._counts = {"skipped": [int(skipped), 0]}
@@ -302,13 +322,16 @@ class Batches:
     # uint8 travels to the devices; the [-1, 1] floats are made there (4x less host traffic).
     self._normalize = jax.jit(lambda x: x.astype(np.float32) * (2.0 / 255.0) - 1.0,
                               out_shardings=sharding)
+    self._normalize_patches = jax.jit(naflex.to_float, out_shardings=sharding)
+    self.last_batch_size = self.global_batch   # the global batch of the step last returned
 
-  def _global(self, x):
-    shape = (self.global_batch,) + x.shape[1:]
+  def _global(self, x, batch):
+    shape = (batch,) + x.shape[1:]
+    where = self._where[batch]
 
     def piece(index):
-      rows = range(*index[0].indices(self.global_batch))
-      return x[[self._where[r] for r in rows]]
+      rows = range(*index[0].indices(batch))
+      return x[[where[r] for r in rows]]
     return jax.make_array_from_callback(shape, self.sharding, piece)
 
   def __iter__(self):
@@ -323,9 +346,14 @@ class Batches:
                          f"expected {self.position}")
     for key, count in self._counts.items():
       count[1] += int(host[key].sum())
-    batch = {k: self._normalize(self._global(host[k]))
+    size = self.plan.batch(host["step"]) if self.plan is not None else self.global_batch
+    batch = {k: self._normalize(self._global(host[k], size))
              for k in ("image", "view_global", "view_local") if k in host}
-    batch.update({k: self._global(host[k]) for k in DEVICE_KEYS if k in host})
+    batch.update({k: self._global(host[k], size) for k in DEVICE_KEYS if k in host})
+    if "patches" in host:   # NaFlex: [-1, 1] on the devices, padding patches 0
+      batch["patches"] = self._normalize_patches(self._global(host["patches"], size),
+                                                 batch["patch_mask"])
+    self.last_batch_size = size
     self.position += 1
     return host["step"], batch, wait
 
@@ -373,4 +401,14 @@ def make_batches(config, sharding, data_state=None, views_from=None):
                  skipped=int(data_state.get("data_skipped", 0)),
                  skipped_regions=int(data_state.get("data_skipped_regions", 0)),
                  workers=inp.get("workers", 0), threads=inp.get("threads", 4),
-                 prefetch=inp.get("prefetch", 2), views_from=views_from)
+                 prefetch=inp.get("prefetch", 2), views_from=views_from,
+                 plan=length_plan(config))
+
+
+def length_plan(config):
+  """A NaFlex run's `naflex.LengthPlan`, else None."""
+  from siglip_jax import naflex_config   # pylint: disable=import-outside-toplevel
+  if not naflex_config.is_naflex(config):
+    return None
+  return naflex.LengthPlan(naflex_config.seq_lens(config), config.input.batch_size,
+                           naflex_config.batch_by_len(config), seed=config.seed)

@@ -28,7 +28,8 @@ from siglip_jax.data import views as views_lib
 REASONS = ("missing_image", "undecodable_image", "truncated_image", "image_too_large",
            "missing_caption", "blank_caption", "caption_too_large", "bad_metadata",
            "read_error", "duplicate_key", "member_out_of_bounds", "truncated_shard",
-           "outside_folder", "not_a_regular_file")
+           "outside_folder", "not_a_regular_file",
+           "extreme_aspect_ratio")   # NaFlex: too long for the patch budget at 1 patch across
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RESIZE_MODES = ("squash", "crop")
 METHODS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -179,7 +180,7 @@ class Preprocessor:
                strip_punctuation=False, eos="sticky", pad_id=None, resize="squash",
                method="bicubic", random_crop=False, crop_scale=(0.08, 1.0),
                crop_ratio=(3 / 4, 4 / 3), flip=False, jpeg_draft=True, seed=0, decoder=None,
-               max_regions=16, views=None):
+               max_regions=16, views=None, naflex_patch=None):
     if resize not in RESIZE_MODES:
       raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if method not in METHODS:
@@ -196,6 +197,10 @@ class Preprocessor:
     self.decoder, self.max_regions = (dict(decoder) if decoder else None), int(max_regions)
     self._decoder_text = None
     self.views = dict(views) if views else None   # SILC/TIPS's crops (`views.py`)
+    # NaFlex: the patch size; each image keeps its aspect ratio, resized to the step's budget.
+    self.naflex_patch = int(naflex_patch) if naflex_patch else None
+    if self.naflex_patch:
+      self.draft = None   # the target size depends on the budget: decode whole
 
   @property
   def decoder_text(self):
@@ -252,8 +257,11 @@ class Preprocessor:
             and data.dtype == np.uint8 and data.shape == (self.image_size, self.image_size, 3)
             and not raw.get("error"))
 
-  def __call__(self, raw, slot, tokenize=True, with_views=False):
-    """`with_views`: also SILC/TIPS's views (`views.draw`; from the switch step on)."""
+  def __call__(self, raw, slot, tokenize=True, with_views=False, seq_len=None):
+    """`with_views`: also SILC/TIPS's views (`views.draw`; from the switch step on).
+    `seq_len`: a NaFlex run's patch budget at this step (`naflex_patch` set)."""
+    if self.naflex_patch:
+      return self._naflex(raw, slot, tokenize, seq_len)
     geometry, img = None, None
     if self._as_is(raw):
       texts = raw.get("texts")
@@ -273,6 +281,32 @@ class Preprocessor:
         img = decode_image(raw.get("image"))
       example.update(views_lib.draw(img, views_lib.rng_for(self.seed, slot), self.views,
                                     METHODS[self.method]))
+    return example
+
+  def _naflex(self, raw, slot, tokenize, seq_len):
+    """{"patches": uint8 [seq_len, p*p*3], "patch_mask", "spatial_shapes", "text", ...}: the
+    whole image at its aspect ratio (a flip at most), resized for `seq_len` patches."""
+    from siglip_jax.data import naflex   # pylint: disable=import-outside-toplevel
+    rng = rng_for(self.seed, slot)
+    data = raw.get("image")
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3 \
+        and data.shape[-1] == 3 and not raw.get("error"):   # rendered pixels: no PIL round trip
+      pixels, caption = data, pick_caption(raw.get("texts"), rng)
+    else:
+      img, caption = self._parts(raw, rng)
+      pixels = np.asarray(img, np.uint8)
+    h, w = pixels.shape[:2]
+    flipped = bool(self.flip and rng.random() < 0.5)
+    if flipped:
+      pixels = pixels[:, ::-1]
+    try:
+      example = naflex.encode(np.ascontiguousarray(pixels), self.naflex_patch, seq_len)
+    except naflex.TooManyPatches as e:
+      raise BadRecord("extreme_aspect_ratio", str(e)) from None
+    example["text"] = self.tokenizer.encode([caption], self.text_len)[0] if tokenize \
+        else caption
+    if self.decoder:   # boxes are fractions of the image: a whole-image resize keeps them
+      example.update(self._decoder_fields(raw, caption, ((0, 0, w, h), flipped, w, h), rng))
     return example
 
   def _decoder_fields(self, raw, caption, geometry, rng):
@@ -310,7 +344,12 @@ def from_config(config):
       crop_scale=tuple(get("crop_scale", (0.08, 1.0))),
       flip=get("flip", False), jpeg_draft=get("jpeg_draft", True), seed=config.seed,
       decoder=decoder_settings(config), max_regions=get("max_regions", 16),
-      views=view_settings(config))
+      views=view_settings(config), naflex_patch=_naflex_patch(config))
+
+
+def _naflex_patch(config):
+  from siglip_jax import naflex_config   # pylint: disable=import-outside-toplevel
+  return naflex_config.patch_size(config) if naflex_config.is_naflex(config) else None
 
 
 def view_settings(config):

@@ -12,6 +12,8 @@ A "spec" (the dict `infer_spec` returns) describes a two-tower model completely:
   image: patch_size, width, depth, mlp_dim, num_heads, pool_type, posemb, rep_size
   text:  width, depth, mlp_dim, num_heads, vocab_size, pool_type
   out_dim (image, text head widths or None), bias_init (None: no `b`), image_size, text_len.
+A NaFlex model's (2-D `img/embedding/kernel`) also has image_model and max_num_patches:
+interop/naflex_spec.py.
 """
 import io
 import math
@@ -26,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from siglip_jax import models
+from siglip_jax.interop import naflex_spec
 
 PREFIX = "params/"
 _TOWERS = {"img": "img/Transformer", "txt": "txt/Encoder_0"}
@@ -156,13 +159,26 @@ def _block(flat, tower):
   return d, _depth(flat, tower), mlp, heads
 
 
-def infer_spec(flat, *, image=None, text=None, image_size=None, text_len=None):
+def infer_spec(flat, *, image=None, text=None, image_size=None, text_len=None,
+               max_num_patches=None):
   """The two-tower model `flat` (per-layer names, no prefix) holds. Keyword overrides supply
-  what arrays cannot tell (a run config's pool types, a sincos posemb's image size)."""
+  what arrays cannot tell (a run config's pool types, a sincos posemb's image size, a NaFlex
+  model's patch budget: interop/naflex_spec.py)."""
   image, text = dict(image or {}), dict(text or {})
   if not any(n.startswith("img/") for n in flat) or not any(n.startswith("txt/") for n in flat):
     raise ValueError("not a SigLIP two-tower checkpoint: expected img/..., txt/... and t arrays; "
                      f"found {name_list(flat) or 'no arrays'}")
+  if naflex_spec.is_naflex_params(flat):
+    img_spec, img_out = naflex_spec.image_spec(flat, _block(flat, "img"), image.get("pool_type"))
+    extra = {"image_model": naflex_spec.NAFLEX,
+             "max_num_patches": int(max_num_patches or naflex_spec.DEFAULT_MAX_NUM_PATCHES)}
+    return {**_text_spec(flat, img_spec, img_out, text, text_len), "image_size": None, **extra}
+  img_spec, img_out, size = _image_spec(flat, image, image_size)
+  return {**_text_spec(flat, img_spec, img_out, text, text_len), "image_size": size}
+
+
+def _image_spec(flat, image, image_size):
+  """(image dict, image head width or None, image size) of a fixed-size ViT."""
   ph, pw, c, width = _need(flat, "img/embedding/kernel", 4, "patch embedding [p, p, 3, width]")
   if c != 3 or ph != pw:
     raise ValueError(f"img/embedding/kernel has shape {(ph, pw, c, width)}; expected square "
@@ -188,7 +204,12 @@ def infer_spec(flat, *, image=None, text=None, image_size=None, text_len=None):
                                     else "tok" if "img/cls" in flat else "gap")
   rep = flat["img/pre_logits/kernel"].shape[-1] if "img/pre_logits/kernel" in flat else False
   img_out = flat["img/head/kernel"].shape[-1] if "img/head/kernel" in flat else None
+  return (dict(patch_size=(ph, pw), width=width, depth=depth, mlp_dim=mlp, num_heads=heads,
+               pool_type=pool, posemb=posemb, rep_size=rep), img_out, size)
 
+
+def _text_spec(flat, img_spec, img_out, text, text_len):
+  """The spec less `image_size`: the text tower's, `t` and `b` from the arrays."""
   vocab, t_width = _need(flat, "txt/Embed_0/embedding", 2, "token embedding [vocab, width]")
   td, t_depth, t_mlp, t_heads = _block(flat, "txt")
   if td != t_width:
@@ -201,22 +222,24 @@ def infer_spec(flat, *, image=None, text=None, image_size=None, text_len=None):
   txt_out = flat["txt/head/kernel"].shape[-1] if "txt/head/kernel" in flat else None
   _need(flat, "t", 1, "log temperature")
   return {
-      "image": dict(patch_size=(ph, pw), width=width, depth=depth, mlp_dim=mlp, num_heads=heads,
-                    pool_type=pool, posemb=posemb, rep_size=rep),
+      "image": img_spec,
       "text": dict(width=t_width, depth=t_depth, mlp_dim=t_mlp, num_heads=t_heads,
                    vocab_size=vocab, pool_type=t_pool),
       "out_dim": (img_out, txt_out),
       # The value is only an init; loaded weights replace it. None: the model has no bias.
       "bias_init": -10.0 if "b" in flat else None,
-      "image_size": size, "text_len": length,
+      "text_len": length,
   }
 
 
 def model_config(spec):
   """A `models.from_config` dict for `spec`: per-layer blocks, no remat (inference, export)."""
   fixed = dict(scan=False, remat_policy="none")
-  return {"image": {**spec["image"], **fixed}, "text": {**spec["text"], **fixed},
-          "out_dim": tuple(spec["out_dim"]), "bias_init": spec["bias_init"]}
+  out = {"image": {**spec["image"], **fixed}, "text": {**spec["text"], **fixed},
+         "out_dim": tuple(spec["out_dim"]), "bias_init": spec["bias_init"]}
+  if naflex_spec.is_naflex(spec):
+    out["image_model"] = naflex_spec.NAFLEX
+  return out
 
 
 def make_model(spec):
@@ -227,8 +250,10 @@ def expected_shapes(spec):
   """{name: shape} of the params a `spec` model has (abstract: nothing is allocated)."""
   model = make_model(spec)
   size, length = spec["image_size"], spec["text_len"]
+  image = (naflex_spec.dummy_image(spec) if naflex_spec.is_naflex(spec)
+           else jnp.zeros((1, size, size, 3)))
   params = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)))
+      jax.random.key(0), image, jnp.zeros((1, length), jnp.int32)))
   flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
   return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -249,14 +274,17 @@ def check_params(flat, spec, source):
                     + "; ".join(bad[:5]))
   if problems:
     raise ValueError(f"{source} does not hold a consistent SigLIP model "
-                     f"({_describe(spec)}):\n  " + "\n  ".join(problems))
+                     f"({describe(spec)}):\n  " + "\n  ".join(problems))
 
 
-def _describe(spec):
+def describe(spec):
+  """One line: the model's dimensions."""
   i, t = spec["image"], spec["text"]
-  return (f"image {spec['image_size']}px patch {i['patch_size'][0]} width {i['width']} depth "
-          f"{i['depth']} heads {i['num_heads']} pool {i['pool_type']}; text len "
-          f"{spec['text_len']} vocab {t['vocab_size']} width {t['width']} depth {t['depth']}")
+  size = (naflex_spec.describe(spec) if naflex_spec.is_naflex(spec)
+          else f"{spec['image_size']}px patch {i['patch_size'][0]}")
+  return (f"image {size} width {i['width']} depth {i['depth']} heads {i['num_heads']} pool "
+          f"{i['pool_type']}; text len {spec['text_len']} vocab {t['vocab_size']} width "
+          f"{t['width']} depth {t['depth']}")
 
 
 def load_npz(path):
@@ -350,6 +378,7 @@ def save(flat, spec, path, tokenizer=None):
   """Writes the `.npz` at `path`, its two_towers JSON beside it and, with a `tokenizer` (a
   siglip_jax Tokenizer), its SentencePiece model (else an old one there is removed)."""
   import json
+  naflex_spec.check_big_vision_export(spec)
   json_path, sp_path = sidecar_paths(path)
   save_npz(flat, path)
   if tokenizer is not None:

@@ -13,16 +13,17 @@ import os
 
 import numpy as np
 
-from siglip_jax.interop import big_vision, hf_tokenizer
+from siglip_jax.interop import big_vision, hf_tokenizer, naflex_spec
 
 CONFIG, WEIGHTS, SPIECE = "config.json", "model.safetensors", hf_tokenizer.SPIECE
+PREPROCESSOR = "preprocessor_config.json"
 # transformers' Siglip{Text,Vision}Config defaults: published config.json files leave them out.
 _TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=64,
                       hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, projection_size=None)
-_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
-                        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True)
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                       hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True)
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")   # both the tanh form big_vision uses
 
 
@@ -86,7 +87,9 @@ def _table(spec):
   qkv = [mha + q for q in ("query", "key", "value")]
   return [
       ("logit_scale", ["t"], "same"), ("logit_bias", ["b"], "same"),
-      (f"{v}.embeddings.patch_embedding.weight", ["img/embedding/kernel"], "conv"),
+      # A NaFlex patch embedding is a Linear on flattened patches (Siglip2Model), not a conv.
+      (f"{v}.embeddings.patch_embedding.weight", ["img/embedding/kernel"],
+       "dense" if naflex_spec.is_naflex(spec) else "conv"),
       (f"{v}.embeddings.patch_embedding.bias", ["img/embedding/bias"], "same"),
       (f"{v}.embeddings.position_embedding.weight", ["img/pos_embedding"], "posemb"),
       *_blocks(v, "img/Transformer", spec["image"]["depth"]),
@@ -118,7 +121,7 @@ def _to_hf(kind, arrays):
   return {"out_kernel": lambda: a.reshape(-1, a.shape[-1]).T,   # [heads, head_dim, D] -> [D, hd*]
           "dense": lambda: a.T,
           "conv": lambda: a.transpose(3, 2, 0, 1),              # [p, p, 3, D] -> [D, 3, p, p]
-          "posemb": lambda: a.reshape(a.shape[1:]),             # [1, N, D] -> [N, D]
+          "posemb": lambda: a.reshape(-1, a.shape[-1]),         # [1, N, D] or [g, g, D]
           "same": lambda: a}[kind]()
 
 
@@ -195,8 +198,9 @@ def sincos_as_table(flat, spec):
   return flat, {**spec, "image": {**image, "posemb": "learn"}}
 
 
-def save(flat, spec, out, tokenizer=None):
-  """Writes an HF SigLIP folder at `out` (created; files in it replaced)."""
+def write_weights(flat, spec, out):
+  """Checks that `spec` fits HF's SigLIP shape, then writes `out`/model.safetensors (the folder
+  created); returns the spec as exported (a sincos posemb written as its table)."""
   from safetensors.numpy import save_file
   flat, spec = sincos_as_table(flat, spec)
   check_exportable(spec)
@@ -206,16 +210,25 @@ def save(flat, spec, out, tokenizer=None):
              for h, bv, kind in _table(spec)}
   os.makedirs(out, exist_ok=True)
   save_file(tensors, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
-  with open(os.path.join(out, CONFIG), "w") as f:
-    json.dump(hf_config(spec, tokenizer), f, indent=2)
+  return spec
+
+
+def write_json(path, content):
+  with open(path, "w") as f:
+    json.dump(content, f, indent=2)
+
+
+def save(flat, spec, out, tokenizer=None):
+  """Writes an HF SigLIP folder at `out` (created; files in it replaced)."""
+  spec = write_weights(flat, spec, out)
+  write_json(os.path.join(out, CONFIG), hf_config(spec, tokenizer))
   # Images in [-1, 1] as the model takes them: x / 255, then (x - 0.5) / 0.5.
   size = spec["image_size"]
   pre = {"image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor",
          "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,
          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-    json.dump(pre, f, indent=2)
+  write_json(os.path.join(out, PREPROCESSOR), pre)
   if tokenizer is not None:
     hf_tokenizer.write(out, tokenizer, spec["text_len"])
 
@@ -232,19 +245,30 @@ def _sub(cfg, key, defaults, path):
   return sub
 
 
+def read_json(path, name=CONFIG):
+  with open(os.path.join(path, name)) as f:
+    return json.load(f)
+
+
 def read_config(path):
   """The spec of the HF SigLIP folder at `path`, from its config.json (defaults filled in)."""
-  with open(os.path.join(path, CONFIG)) as f:
-    cfg = json.load(f)
+  cfg = read_json(path)
   if cfg.get("model_type") != "siglip":
     raise ValueError(f"{path}: config.json has model_type {cfg.get('model_type')!r}; only "
-                     "'siglip' (SiglipModel) folders are read")
-  v = _sub(cfg, "vision_config", _VISION_DEFAULTS, path)
+                     "'siglip' (SiglipModel) and 'siglip2' (Siglip2Model) folders are read")
+  spec, v = spec_from_config(cfg, path)
+  size = v["image_size"] if np.ndim(v["image_size"]) == 0 else v["image_size"][0]
+  return {**spec, "image_size": int(size)}
+
+
+def spec_from_config(cfg, path, vision_defaults=VISION_DEFAULTS):
+  """(the spec less `image_size`, the vision_config with defaults) of a SigLIP or SigLIP 2
+  config.json's contents: both have the same towers, apart from the patch embedding."""
+  v = _sub(cfg, "vision_config", vision_defaults, path)
   t = _sub(cfg, "text_config", _TEXT_DEFAULTS, path)
   if not v["vision_use_head"]:
     raise ValueError(f"{path}: vision_use_head is false, so the model has no image embedding")
   patch = v["patch_size"] if np.ndim(v["patch_size"]) == 0 else v["patch_size"][0]
-  size = v["image_size"] if np.ndim(v["image_size"]) == 0 else v["image_size"][0]
   return {
       "image": dict(patch_size=(int(patch), int(patch)), width=v["hidden_size"],
                     depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
@@ -254,8 +278,8 @@ def read_config(path):
                    mlp_dim=t["intermediate_size"], num_heads=t["num_attention_heads"],
                    vocab_size=t["vocab_size"], pool_type="last"),
       "out_dim": (None, t["projection_size"] or t["hidden_size"]),
-      "bias_init": -10.0, "image_size": int(size), "text_len": t["max_position_embeddings"],
-  }
+      "bias_init": -10.0, "text_len": t["max_position_embeddings"],
+  }, v
 
 
 def _read_tensors(path):
@@ -283,6 +307,16 @@ def load(path):
   """(flat per-layer params, spec, SentencePiece path or None) of an HF SigLIP folder."""
   path = os.fspath(path)
   spec = read_config(path)
+  return read_weights(path, spec), spec, spiece_path(path)
+
+
+def spiece_path(path):
+  sp = os.path.join(path, SPIECE)
+  return sp if os.path.isfile(sp) else None
+
+
+def read_weights(path, spec):
+  """The flat per-layer params of the HF folder `path` whose config says `spec`, checked."""
   tensors = _read_tensors(path)
   tensors.pop("text_model.embeddings.position_ids", None)   # buffers older versions saved
   tensors.pop("vision_model.embeddings.position_ids", None)
@@ -302,5 +336,4 @@ def load(path):
                        f"(expected {' + '.join(str(shapes[n]) for n in bv)})")
     flat.update(zip(bv, _from_hf(kind, w, [shapes[n] for n in bv])))
   big_vision.check_params(flat, spec, path)
-  sp = os.path.join(path, SPIECE)
-  return flat, spec, sp if os.path.isfile(sp) else None
+  return flat

@@ -174,11 +174,12 @@ def _special_tokens(tokenizer):
   return out
 
 
-def tokenizer_config(tokenizer, text_len):
-  """tokenizer_config.json: the fast tokenizer class, the length, no attention mask."""
+def tokenizer_config(tokenizer, text_len, processor_class="SiglipProcessor", extra=None):
+  """tokenizer_config.json: the fast tokenizer class, the length, no attention mask; `extra`:
+  more init kwargs (a processor applies them to every modality that takes them)."""
   return {
       "tokenizer_class": "PreTrainedTokenizerFast",
-      "processor_class": "SiglipProcessor",
+      "processor_class": processor_class,
       "model_max_length": int(text_len),
       "model_input_names": ["input_ids"],
       # transformers 5's processors take these as their defaults: processor(text=...) then
@@ -188,17 +189,19 @@ def tokenizer_config(tokenizer, text_len):
       "split_special_tokens": True,
       "clean_up_tokenization_spaces": False,
       **_special_tokens(tokenizer),
+      **(extra or {}),
       OPTIONS_KEY: tokenizer.options,
   }
 
 
-def write(out, tokenizer, text_len):
+def write(out, tokenizer, text_len, processor_class="SiglipProcessor", extra=None):
   """Writes the tokenizer files into the folder `out`, the SentencePiece model included (for
   siglip_jax.load and for anyone who wants big_vision's own tokenizer)."""
   build(tokenizer).save(os.path.join(out, TOKENIZER_JSON))
   with open(os.path.join(out, SPIECE), "wb") as f:
     f.write(tokenizer.serialized_model())
-  for name, content in ((TOKENIZER_CONFIG, tokenizer_config(tokenizer, text_len)),
+  for name, content in ((TOKENIZER_CONFIG, tokenizer_config(tokenizer, text_len,
+                                                             processor_class, extra)),
                         (SPECIAL_TOKENS, _special_tokens(tokenizer))):
     with open(os.path.join(out, name), "w") as f:
       json.dump(content, f, indent=2)

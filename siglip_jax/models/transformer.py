@@ -92,13 +92,14 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """`mask`: None, or boolean [B, 1, 1, T] (True: a real token keys may come from)."""
     out = {}
     ln = lambda: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)  # noqa: E731
     y = ln()(x)  # LayerNorm_0
     y = out["sa"] = MultiHeadAttention(
         num_heads=self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
-        name="MultiHeadDotProductAttention_0")(y, y)
+        name="MultiHeadDotProductAttention_0")(y, y, mask=mask)
     x = out["+sa"] = x + y
     y = ln()(x)  # LayerNorm_1
     y = out["mlp"] = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
@@ -123,7 +124,8 @@ class Encoder(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """`mask`: None, or boolean [B, T] (True: a real token; padding is never attended to)."""
     out = {}
     block_cls = Encoder1DBlock
     remat, policy = policy_from_name(self.remat_policy)
@@ -132,15 +134,20 @@ class Encoder(nn.Module):
       block_cls = nn.remat(Encoder1DBlock, prevent_cse=not self.scan, policy=policy)
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
               attention_impl=self.attention_impl)
+    # Padding is masked as keys only: a padding query still attends to real tokens (no row of
+    # -inf), and no real token ever reads padding, so padding cannot change a real output.
+    args = (x,) if mask is None else (x, mask[:, None, None, :].astype(bool))
     if self.scan:
+      broadcast = {"in_axes": nn.broadcast} if mask is not None else {}
       stack = nn.scan(block_cls, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True}, length=self.depth)
-      x, scan_out = stack(name="encoderblock", **kw)(x)
+                      split_rngs={"params": True, "dropout": True}, length=self.depth,
+                      **broadcast)
+      x, scan_out = stack(name="encoderblock", **kw)(*args)
       for lyr in range(self.depth):
         out[f"block{lyr:02d}"] = jax.tree.map(lambda o, lyr=lyr: o[lyr], scan_out)
     else:
       for lyr in range(self.depth):
-        x, out[f"block{lyr:02d}"] = block_cls(name=f"encoderblock_{lyr}", **kw)(x)
+        x, out[f"block{lyr:02d}"] = block_cls(name=f"encoderblock_{lyr}", **kw)(x, *args[1:])
     out["pre_ln"] = x  # the last block's output, before the final norm
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
                      name="encoder_norm")(x)
@@ -158,13 +165,16 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """`mask`: None, or boolean [B, T]: the probe attends to the True tokens only."""
     n, _, d = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype,
                            attention_impl=XLA_ATTENTION,
-                           name="MultiHeadDotProductAttention_0")(probe, x)
+                           name="MultiHeadDotProductAttention_0")(
+                               probe, x, mask=None if mask is None
+                               else mask[:, None, None, :].astype(bool))
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
     return x[:, 0]

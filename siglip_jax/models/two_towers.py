@@ -11,9 +11,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from siglip_jax.models.naflex_vit import NaFlexViT
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.transformer import Dtype
 from siglip_jax.models.vit import ViT
+
+# `image_model`: big_vision's names of the image towers implemented here.
+IMAGE_MODELS = {"vit": ViT, "proj.image_text.naflex_vit": NaFlexViT}
+NAFLEX = "proj.image_text.naflex_vit"
 
 
 def _l2_normalize(z):
@@ -31,9 +36,12 @@ class TwoTowers(nn.Module):
   (same for txt), "t" = exp(t param), "t/parameter", and "b" when the model has a bias.
   `image` / `text` hold ViT / TextTransformer keyword arguments; their `num_classes` defaults
   to `out_dim` (an int: both towers; a pair: (image, text); None: no head). `dtype` and
-  `attention_impl` apply to both towers unless a tower's dict sets its own.
+  `attention_impl` apply to both towers unless a tower's dict sets its own. `image_model`
+  "proj.image_text.naflex_vit" makes the image tower a `NaFlexViT`: `image` is then the dict
+  {"patches", "patch_mask", "spatial_shapes"}.
   """
   image: Mapping[str, Any] | None = None
+  image_model: str = "vit"
   text: Mapping[str, Any] | None = None
   out_dim: int | tuple[int | None, int | None] = (None, 768)
   temperature_init: float = 10.0
@@ -59,7 +67,8 @@ class TwoTowers(nn.Module):
       out["txt/normalized"] = ztxt
 
     if image is not None:
-      img = ViT(**self._tower_kwargs(self.image, out_dims[0]), name="img")
+      img = IMAGE_MODELS[self.image_model](**self._tower_kwargs(self.image, out_dims[0]),
+                                           name="img")
       zimg, out_img = img(image, train=train)
       out.update({f"img/{k}": v for k, v in out_img.items()})
       out["img/norm"], zimg = _l2_normalize(zimg)
@@ -77,11 +86,16 @@ class TwoTowers(nn.Module):
     return zimg, ztxt, out
 
 
-def image_tower(model: TwoTowers) -> ViT:
-  """`model`'s image tower alone (a ViT applied to `params["img"]`): the EMA teacher and the
+def image_tower(model: TwoTowers):
+  """`model`'s image tower alone (applied to `params["img"]`): the EMA teacher and the
   distillation views run it without the text tower, t and b."""
   image_dim = pair_of_out_dims(model.out_dim)[0]
-  return ViT(**model._tower_kwargs(model.image, image_dim), parent=None)  # noqa: SLF001
+  return IMAGE_MODELS[model.image_model](**model._tower_kwargs(model.image, image_dim),  # noqa
+                                         parent=None)
+
+
+def is_naflex(model: TwoTowers) -> bool:
+  return model.image_model == NAFLEX
 
 
 def pair_of_out_dims(out_dim):
@@ -92,8 +106,8 @@ def pair_of_out_dims(out_dim):
 # Keys of a model config that `from_config` understands; big_vision's `image_model` and
 # `text_model` are accepted when they name the towers implemented here.
 _KNOWN_KEYS = {"image", "text", "out_dim", "temperature_init", "bias_init", "dtype",
-               "attention_impl"}
-_BIG_VISION_MODELS = {"image_model": "vit", "text_model": "proj.image_text.text_transformer"}
+               "attention_impl", "image_model"}
+_TEXT_MODEL = "proj.image_text.text_transformer"
 
 
 def _plain(x):
@@ -130,9 +144,12 @@ def _tower(cfg) -> dict | None:
 def from_config(model_cfg) -> TwoTowers:
   """Builds a TwoTowers from a dict or ml_collections ConfigDict (the `model` config block)."""
   cfg = _plain(model_cfg)
-  for key, expected in _BIG_VISION_MODELS.items():
-    if key in cfg and cfg.pop(key) != expected:
-      raise ValueError(f"{key} must be {expected!r} (the only tower implemented)")
+  if cfg.pop("text_model", _TEXT_MODEL) != _TEXT_MODEL:
+    raise ValueError(f"text_model must be {_TEXT_MODEL!r} (the only text tower implemented)")
+  image_model = cfg.pop("image_model", "vit")
+  if image_model not in IMAGE_MODELS:
+    raise ValueError(f"image_model {image_model!r} is not implemented; use one of "
+                     f"{sorted(IMAGE_MODELS)}")
   unknown = set(cfg) - _KNOWN_KEYS
   if unknown:
     raise ValueError(f"Unknown model config keys {sorted(unknown)}; known: {sorted(_KNOWN_KEYS)}")
@@ -140,4 +157,5 @@ def from_config(model_cfg) -> TwoTowers:
         if k in cfg}
   if "dtype" in cfg:
     kw["dtype"] = _dtype(cfg["dtype"])
-  return TwoTowers(image=_tower(cfg.get("image")), text=_tower(cfg.get("text")), **kw)
+  return TwoTowers(image=_tower(cfg.get("image")), text=_tower(cfg.get("text")),
+                   image_model=image_model, **kw)

@@ -71,6 +71,17 @@ def check_image_size(image_size, patch_size) -> None:
                      "embedding would silently drop border pixels")
 
 
+def image_tower_dims(tower) -> dict[str, Any]:
+  """An image tower's (ViT's, NaFlexViT's) resolved width, depth, mlp_dim, num_heads and
+  patch_size: its explicit fields over its variant over B/16."""
+  cfg = resolve_dims(tower.variant, dict(width=768, depth=12, mlp_dim=None, num_heads=12,
+                                         patch_size=(16, 16)),
+                     width=tower.width, depth=tower.depth, mlp_dim=tower.mlp_dim,
+                     num_heads=tower.num_heads, patch_size=tower.patch_size)
+  cfg["patch_size"] = _pair(cfg["patch_size"])
+  return cfg
+
+
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.):
   """Fixed 2D sin-cos position embedding [1, h*w, width] (MoCo v3 / big_vision layout)."""
   if width % 4:
@@ -111,12 +122,7 @@ class ViT(nn.Module):
   @property
   def dims(self) -> dict[str, Any]:
     """The resolved width, depth, mlp_dim, num_heads and patch_size."""
-    cfg = resolve_dims(self.variant, dict(width=768, depth=12, mlp_dim=None, num_heads=12,
-                                          patch_size=(16, 16)),
-                       width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-                       num_heads=self.num_heads, patch_size=self.patch_size)
-    cfg["patch_size"] = _pair(cfg["patch_size"])
-    return cfg
+    return image_tower_dims(self)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False, masked=None, mask_token=None,

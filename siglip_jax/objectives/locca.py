@@ -115,14 +115,15 @@ class LocCa(Objective):
 
   def _hidden(self, decoder_params, batch, tower_out):
     inputs = batch["dec_inputs"]
+    # A NaFlex tower's padding patches are masked out of the cross-attention.
     return self.decoder.apply({"params": decoder_params}, inputs,
                               segments(inputs.shape[0], self.decoder_len),
-                              tower_out["img/encoded"])
+                              tower_out["img/encoded"], tower_out.get("img/patch_mask"))
 
   def init(self, rng, batch, tower_out):
     inputs = batch["dec_inputs"]
     params = self.decoder.init(rng, inputs, segments(inputs.shape[0], self.decoder_len),
-                               tower_out["img/encoded"],
+                               tower_out["img/encoded"], tower_out.get("img/patch_mask"),
                                method=decoder_lib.Decoder.init_all)["params"]
     return {"decoder": params}
 
