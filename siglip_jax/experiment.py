@@ -232,6 +232,15 @@ def make_evaluators(config):
                                 num_heldout=cfg.get("num_heldout", 512),
                                 num_unseen=cfg.get("num_unseen", 512))
       evals.append(ShapesEvaluator(ds, every_steps=cfg.get("every_steps", 0), prefix=name))
+    elif kind == "shapes_naflex":
+      from siglip_jax.data import shapes_naflex
+      from siglip_jax.evaluators.shapes_naflex import ShapesNaflexEvaluator
+      # base_size: the canvases' short side, by default the training source's (image_size).
+      ds = shapes_naflex.AspectShapesDataset(
+          seed=config.seed, base_size=cfg.get("base_size", config.input.image_size),
+          num_heldout=cfg.get("num_heldout", 512), num_unseen=cfg.get("num_unseen", 512))
+      evals.append(ShapesNaflexEvaluator(ds, every_steps=cfg.get("every_steps", 0),
+                                         prefix=name, batch_size=cfg.get("batch_size", 256)))
     elif kind == "scenes":
       from siglip_jax.data import scenes
       from siglip_jax.evaluators.scenes import ScenesEvaluator

@@ -4,6 +4,7 @@ run; the length plan; bad NaFlex input as one `error:` line."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import REPO, TINY_DEMO, cli_env, run_module
+from conftest import REPO, TINY_DEMO, cli_env
 from cli_cases import assert_one_line_error, run_cases
 from siglip_jax import checkpoint, model_init
 from siglip_jax.data import naflex
@@ -112,16 +113,17 @@ def test_the_switch_keeps_what_a_fixed_resolution_model_computes():
                                      out_dim=(None, None), image_model=two_towers.NAFLEX))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-  params = fixed.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+  params = jax.jit(fixed.init)(jax.random.key(0),
+                               np.zeros((1, 32, 32, 3), np.float32))["params"]
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
   converted = {}
   for name, value in flat.items():
     init_shape = {"img/embedding/kernel": (192, 32), "img/pos_embedding": (4, 4, 32)}.get(name)
     converted[name] = model_init.to_naflex(name, value, init_shape) if init_shape else value
-  want = fixed.apply({"params": params}, (images / 127.5 - 1).astype(np.float32))[0]
+  want = jax.jit(fixed.apply)({"params": params}, (images / 127.5 - 1).astype(np.float32))[0]
   batch = naflex.encode_batch(list(images), 8, 16)
   batch["patches"] = naflex.to_float(batch["patches"], batch["patch_mask"])
-  got = flex.apply({"params": traverse_util.unflatten_dict(
+  got = jax.jit(flex.apply)({"params": traverse_util.unflatten_dict(
       {tuple(k.split("/")): v for k, v in converted.items()})}, batch)[0]
   np.testing.assert_array_equal(batch["spatial_shapes"], [[4, 4]] * 3)
   np.testing.assert_allclose(got, want, atol=2e-6)
@@ -142,12 +144,10 @@ def test_the_length_plan():
       [plan.length(s) for s in range(40)]
 
 
-def test_bad_naflex_input_is_one_line(tmp_path):
-  fixed_run = tmp_path / "fixed"
-  run_module("siglip_jax.train", [f"--workdir={fixed_run}", *TINY_DEMO,
-                                  "--config.total_steps=1"])
-  flex = [a for a in TINY if not a.startswith(("--config.mesh", "--config.sharding_rules",
-                                               "--config.input.batch_size_by_len"))]
+def test_bad_naflex_input_is_one_line(tmp_path, reference):
+  flex_run = tmp_path / "flex"
+  shutil.copytree(reference[0], flex_run)   # a NaFlex run's workdir
+  flex = [a for a in TINY if not a.startswith("--config.input.batch_size_by_len")]
   cases = [
       ("siglip_jax.train", [f"--workdir={tmp_path / 'a'}", *TINY,
                             "--config.input.batch_size_by_len=((4,6),)"], None),
@@ -157,24 +157,20 @@ def test_bad_naflex_input_is_one_line(tmp_path):
                             "--config.input.seq_lens=(16,)"], None),
       ("siglip_jax.train", [f"--workdir={tmp_path / 'd'}", *flex,
                             "--config.objectives.silc.weight=1.0"], None),
+      # A NaFlex checkpoint as model_init of a fixed-resolution config; its workdir resumed so.
+      ("siglip_jax.train", [f"--workdir={tmp_path / 'e'}", *TINY_DEMO, "--config.total_steps=1",
+                            f"--config.model_init={flex_run}"], None),
+      ("siglip_jax.train", [f"--workdir={flex_run}", *TINY_DEMO,
+                            f"--config.total_steps={TOTAL + 1}"], None),
   ]
   results = run_cases(cases, devices=4)
   assert_one_line_error(results[0], "input.batch_size_by_len", "not divisible by the 4")
   assert_one_line_error(results[1], "input.batch_size_by_len", "not in input.seq_lens")
   assert_one_line_error(results[2], "input.seq_lens", "NaFlex runs only")
   assert_one_line_error(results[3], "objectives.silc.weight")
-  # A NaFlex checkpoint as model_init of a fixed-resolution config, and the reverse resume.
-  flex_run = tmp_path / "flex"
-  run_module("siglip_jax.train", [f"--workdir={flex_run}", *flex, "--config.total_steps=1"],
-             devices=1)
-  results = run_cases([
-      ("siglip_jax.train", [f"--workdir={tmp_path / 'e'}", *TINY_DEMO, "--config.total_steps=1",
-                            f"--config.model_init={flex_run}"], None),
-      ("siglip_jax.train", [f"--workdir={flex_run}", *TINY_DEMO, "--config.total_steps=2"],
-       None),
-  ])
-  assert_one_line_error(results[0], "model_init", "NaFlex", "model.image_model")
-  assert_one_line_error(results[1], "model.image_model")
+  assert_one_line_error(results[4], "model_init", "NaFlex", "model.image_model")
+  assert_one_line_error(results[5], "NaFlex image tower", "model.image_model")
+  assert checkpoint.read_params(flex_run).keys() == checkpoint.read_params(reference[0]).keys()
 
 
 def test_continue_init_starts_at_the_source_lr_and_stretches_its_rest():

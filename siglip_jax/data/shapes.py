@@ -195,18 +195,8 @@ class ShapesDataset:
   def _examples(self, stream, indices, labels):
     if indices.size and indices.min() < 0:
       raise ValueError("example indices must be >= 0")
-    size = self.image_size
-    n = len(indices)
-    uni = np.empty((n, _NUM_UNIFORMS), np.float64)
-    noise = np.empty((n, size, size, 3), np.float32)
-    for j, i in enumerate(indices):
-      rng = np.random.default_rng([self.seed, stream, int(i)])
-      uni[j] = rng.random(_NUM_UNIFORMS)
-      rng.standard_normal(dtype=np.float32, out=noise[j])
-    if labels is None:
-      seen = self.seen_class_ids
-      labels = seen[np.minimum((uni[:, 0] * len(seen)).astype(np.int64), len(seen) - 1)]
-    labels = np.asarray(labels, np.int32)
+    uni, noise, labels = draws(self.seed, stream, indices, (self.image_size,) * 2,
+                               self.seen_class_ids, labels)
     image, size_bin = self._render(labels, uni.astype(np.float32), noise)
     ns = len(self.shapes)
     tmpl = np.minimum((uni[:, 16] * len(CAPTION_TEMPLATES)).astype(np.int64),
@@ -231,17 +221,38 @@ class ShapesDataset:
     alpha = object_alpha(shape_id, cx, cy, r_px, theta, size)
     fg = object_rgb(color_id, np.concatenate([u[:, 8:9], u[:, 5:8]], axis=1))
     bg, sigma = background(u[:, 9:16], size)
-    # bg + alpha * (fg - bg) + sigma * noise, channels first and in place: the loader renders
-    # every training batch, and numpy's loops over a last axis of 3 were half the render time.
-    # (Each pixel goes through the same float32 operations as channels last: the same values.)
-    c = (slice(None), slice(None), None, None)
-    img = fg[c] - bg
-    img *= alpha[:, None]
-    img += bg
-    noise = noise.transpose(0, 3, 1, 2)
-    noise *= sigma
-    img += noise
-    return quantize(img, out=img).transpose(0, 2, 3, 1).copy(), size_bin
+    return composite(fg, bg, alpha, noise, sigma), size_bin
+
+
+def draws(seed, stream, indices, shape, seen, labels=None):
+  """Each example's uniforms [N, _NUM_UNIFORMS], pixel noise [N, H, W, 3] (`shape` (H, W)) and
+  label (drawn among `seen` unless given), from (seed, stream, index) alone."""
+  n = len(indices)
+  uni = np.empty((n, _NUM_UNIFORMS), np.float64)
+  noise = np.empty((n, *shape, 3), np.float32)
+  for j, i in enumerate(indices):
+    rng = np.random.default_rng([seed, stream, int(i)])
+    uni[j] = rng.random(_NUM_UNIFORMS)
+    rng.standard_normal(dtype=np.float32, out=noise[j])
+  if labels is None:
+    labels = seen[np.minimum((uni[:, 0] * len(seen)).astype(np.int64), len(seen) - 1)]
+  return uni, noise, np.asarray(labels, np.int32)
+
+
+def composite(fg, bg, alpha, noise, sigma):
+  """uint8 [N, H, W, 3] images: bg + alpha * (fg - bg) + sigma * noise, quantized.
+
+  Channels first and in place: the loader renders every training batch, and numpy's loops over
+  a last axis of 3 were half the render time. (Each pixel goes through the same float32
+  operations as channels last: the same values.)"""
+  c = (slice(None), slice(None), None, None)
+  img = fg[c] - bg
+  img *= alpha[:, None]
+  img += bg
+  noise = noise.transpose(0, 3, 1, 2)
+  noise *= sigma
+  img += noise
+  return quantize(img, out=img).transpose(0, 2, 3, 1).copy()
 
 
 _RGB = np.array([COLOR_RGB[c] for c in COLORS], np.float32)

@@ -357,6 +357,13 @@ def _scenes(spec, config):
   return scenes.TrainSource(seed=config.seed, image_size=config.input.image_size)
 
 
+def _shapes_naflex(spec, config):
+  del spec
+  from siglip_jax.data import shapes_naflex   # pylint: disable=import-outside-toplevel
+  # input.image_size is the canvas's short side: wide and tall canvases are 4x as long.
+  return shapes_naflex.TrainSource(seed=config.seed, base_size=config.input.image_size)
+
+
 def _max_image_bytes(config):
   # Bytes read for one image at most (tar members and folder files); larger ones are skipped.
   return config.input.get("max_image_bytes", MAX_IMAGE_BYTES)
@@ -371,6 +378,7 @@ SOURCE_KINDS = {
     "tfds": (_tfds, "tfds_name", "NAME"),
     "shapes": (_shapes, None, None),
     "scenes": (_scenes, None, None),
+    "shapes_naflex": (_shapes_naflex, None, None),
 }
 TFDS_REGION_KEYS = ("region_key", "region_box_key", "region_caption_key", "box_order")
 _SPEC_KEYS = ("shards", "dir", "tfds_name", "split", "tfds_data_dir", "image_key",
