@@ -22,7 +22,7 @@ from siglip_jax.data import naflex
 from siglip_jax.models import two_towers
 
 TOTAL = 8
-TINY = ["--config=configs/naflex_demo.py", "--config.input.data=shapes",
+TINY = ["--config=configs/naflex_demo.py",   # shapes_naflex: wide, tall, square
         "--config.input.batch_size=16", "--config.input.seq_lens=(4,16)",
         "--config.input.batch_size_by_len=((4,32),)", "--config.input.max_num_patches=16",
         "--config.model.image.depth=1", "--config.model.image.width=32",
@@ -162,6 +162,8 @@ def test_bad_naflex_input_is_one_line(tmp_path, reference):
                             f"--config.model_init={flex_run}"], None),
       ("siglip_jax.train", [f"--workdir={flex_run}", *TINY_DEMO,
                             f"--config.total_steps={TOTAL + 1}"], None),
+      ("siglip_jax.convert", [f"--src={flex_run}", "--to=big_vision",
+                              f"--out={tmp_path / 'x.npz'}"], None),
   ]
   results = run_cases(cases, devices=4)
   assert_one_line_error(results[0], "input.batch_size_by_len", "not divisible by the 4")
@@ -170,6 +172,8 @@ def test_bad_naflex_input_is_one_line(tmp_path, reference):
   assert_one_line_error(results[3], "objectives.silc.weight")
   assert_one_line_error(results[4], "model_init", "NaFlex", "model.image_model")
   assert_one_line_error(results[5], "NaFlex image tower", "model.image_model")
+  assert_one_line_error(results[6], "NaFlex")
+  assert not (tmp_path / "x.npz").exists()
   assert checkpoint.read_params(flex_run).keys() == checkpoint.read_params(reference[0]).keys()
 
 
@@ -196,3 +200,49 @@ def test_an_image_too_long_for_the_budget_is_skipped_and_counted():
   with pytest.raises(preprocess.BadRecord) as e:
     pre({"image": np.zeros((10, 300, 3), np.uint8), "texts": "a red circle"}, 0, seq_len=16)
   assert e.value.reason == "extreme_aspect_ratio" and "max_num_patches is 16" in str(e.value)
+
+
+def test_locca_on_a_naflex_tower_ignores_padding(monkeypatch):
+  """The decoder reads a NaFlex tower's patch tokens with the patch mask: extra padding patches
+  (of any content) change no objective's loss."""
+  from siglip_jax import cli, step, trainer
+  from siglip_jax import mesh as mesh_lib
+  from siglip_jax.data import pipeline
+  monkeypatch.chdir(REPO)
+  make_mesh = mesh_lib.make_mesh
+  monkeypatch.setattr(trainer.mesh_lib, "make_mesh",
+                      lambda spec: make_mesh(spec, devices=jax.devices()[:1]))
+  config = cli.load_config_file("configs/siglip2_demo.py")
+  config.model.image_model = two_towers.NAFLEX
+  config.model.image = dict(patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2,
+                            posemb_grid=4, pool_type="map")
+  config.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+  config.model.out_dim = (None, 32)
+  config.objectives.silc.weight = config.objectives.tips.weight = 0.0
+  config.input.update(batch_size=8, image_size=32, seq_lens=(12,), max_num_patches=12)
+  config.update(evals={}, total_steps=4, mesh=(("data", 1),))
+  parts = trainer.build(config)
+  batches = pipeline.make_batches(config, parts["batch_sharding"])
+  try:
+    batch = jax.device_get(next(batches)[1])
+  finally:
+    batches.close()
+  assert batch["patch_mask"].sum(axis=1).min() < 12   # some images have padding already
+  padded = dict(batch)
+  extra = np.random.default_rng(0).normal(size=(8, 20, 192)).astype(np.float32)
+  padded["patches"] = np.concatenate([batch["patches"], extra], axis=1)
+  padded["patch_mask"] = np.pad(batch["patch_mask"], ((0, 0), (0, 20)))
+  objs, model = parts["objectives"], parts["model"]
+
+  @jax.jit
+  def losses(params, b):
+    ctx = step.tower_outputs(model, step.tower_params(params, objs), b)
+    return {o.name: o.loss(params, b, ctx)[0] for o in objs}
+  params = parts["init"](jax.random.key(0), batch).params
+  # The decoder's head starts at zero (its loss blind to the image): give it weights.
+  head = params["decoder"]["head"]
+  head["kernel"] = jax.random.normal(jax.random.key(1), head["kernel"].shape) * 0.5
+  got = [jax.device_get(losses(params, b)) for b in (batch, padded)]
+  assert set(got[0]) == {"contrastive", "locca"}
+  for name, value in got[0].items():
+    assert abs(value - got[1][name]) <= 1e-6 * max(1, abs(value)), name
