@@ -9,12 +9,20 @@ of seen pairs; `_unseen` for never-seen pairs). The fixed-resolution demo (confi
 the same images squashed to 32 x 32: `python -m siglip_jax.evaluate --workdir=DEMO_RUN
 --config=configs/naflex_demo.py:eval_only` measures it on them (docs/performance.md, "NaFlex").
 
-`switch=RUN`: SigLIP 2's switch instead of a fresh start: continue a fixed-resolution run of
-configs/demo.py (a workdir or one checkpoint folder, e.g. its 90% checkpoint) as NaFlex. The
-8 x 8 patch convolution becomes the dense patch embedding (kernel [8, 8, 3, D] reshaped to
+`switch=RUN`: SigLIP 2's switch instead of a fresh start (and the better demo: from scratch the
+mix of canvases and budgets learns slowly, docs/performance.md, "NaFlex"): continue a
+fixed-resolution run of configs/demo.py as NaFlex from one of its checkpoints, e.g.
+
+    python -m siglip_jax.train --config=configs/demo.py --workdir=/tmp/demo
+    python -m siglip_jax.train --config=configs/naflex_demo.py:switch=/tmp/demo/checkpoints/2000 \
+        --workdir=/tmp/naflex
+
+The 8 x 8 patch convolution becomes the dense patch embedding (kernel [8, 8, 3, D] reshaped to
 [192, D], the (row, column, channel) order of the patches), the 4 x 4 position grid is
 reused, the optimizer state starts fresh, and the rest of the source's schedule, from the
-learning rate it had reached, is stretched over this run's total_steps.
+learning rate it had reached, is stretched over this run's total_steps: 1,875 = 3.75 x the 500
+steps the demo has left after its step 2,000 (80%; SigLIP 2 switches at 90% and stretches the
+last 10% 3.75x).
 """
 from siglip_jax import config_defaults
 
@@ -51,7 +59,7 @@ def get_config(arg=None):
     if key == "switch" and value:
       c.model_init = value
       c.optim.schedule = dict(continue_init=True)
-      c.total_steps = 940          # 3.75 x the last 10% of the demo's 2,500 steps
+      c.total_steps = 1875         # 3.75 x the demo's 500 steps after its checkpoint at 2,000
     elif key == "eval_only" and not value:
       pass   # the evaluators alone, for `evaluate --config` of a fixed-resolution run
     else:
