@@ -36,8 +36,9 @@ def get_config(arg=None):
   c.input.text_len = 16
   c.input.image_size = 32          # unused by the NaFlex tower (the base canvas side)
   # Patch budgets drawn per step (SigLIP 2 draws from 128..1024 at 16 px): a 32 x 128 wide
-  # image is 4 x 16 patches of 8 px at 64, a 32 x 32 square 4 x 4 at 16.
-  c.input.seq_lens = (16, 32, 64)
+  # image is 4 x 16 patches of 8 px at 64, 3 x 10 at 32. Adding 16 (2 x 8: objects 4-7 px
+  # across) cost the switched model 0.03 on wide and tall images (docs/performance.md).
+  c.input.seq_lens = (32, 64)
   c.input.max_num_patches = 64     # the handle's and the HF processor's budget
 
   c.model.image_model = "proj.image_text.naflex_vit"
