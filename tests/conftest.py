@@ -98,6 +98,37 @@ def tiny_run(tmp_path_factory):
   return {"workdir": workdir, "stdout": proc.stdout}
 
 
+# A tiny SigLIP 2 demo (sigmoid loss + LocCa decoder on scenes, SILC + TIPS after update 10 of
+# 12) on 2 devices, evaluated at the end: the runs of test_resume and the run test_locca_run
+# reads. Short: `siglip2_run` saves every step (a second or two a save here).
+SIGLIP2_STEPS = 12
+TINY_SIGLIP2 = [
+    "--config=configs/siglip2_demo.py",
+    "--config.model.image.depth=1", "--config.model.text.depth=1",
+    "--config.model.image.width=32", "--config.model.text.width=32",
+    "--config.model.image.mlp_dim=64", "--config.model.text.mlp_dim=64",
+    "--config.model.out_dim=(None, 32)",
+    "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
+    "--config.input.batch_size=16", "--config.input.image_size=32",
+    "--config.optim.schedule.warmup_steps=2",
+    "--config.evals.scenes.every_steps=0", "--config.evals.scenes.num_heldout=16",
+    "--config.evals.scenes.num_unseen=16", "--config.evals.scenes.num_probe_train=32",
+    f"--config.total_steps={SIGLIP2_STEPS}", "--config.log_every_steps=1"]
+SIGLIP2_DEVICES = 2
+
+
+@pytest.fixture(scope="session")
+def siglip2_run(tmp_path_factory):
+  """One uninterrupted TINY_SIGLIP2 run, checkpointed at every step (all kept): test_resume's
+  reference (its restarts must end where it ends) and the trained run test_locca_run reads
+  (metrics, evaluate, load, exports). Returns the workdir (a pathlib.Path)."""
+  workdir = tmp_path_factory.mktemp("siglip2_run") / "run"
+  run_module("siglip_jax.train", TINY_SIGLIP2 + [
+      f"--workdir={workdir}", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=30"],
+      devices=SIGLIP2_DEVICES)
+  return workdir
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: runs training or CLI subprocesses (deselect with "
                           "-m 'not slow' for the fast subset)")

@@ -1,10 +1,14 @@
 """End to end: the real trainer, preempted (SIGTERM) or killed (SIGKILL), resumes exactly.
 
-Each run is `python -m siglip_jax.train` on a tiny model of the SigLIP 2 demo (the sigmoid loss
-and the LocCa decoder on the scenes set, SILC and TIPS from step 19 of 24: the decoder's and the
-heads' parameters and optimizer state, the EMA teacher, the regions and the views in the data
-resume with the rest), as a user would start it; the reference is the same command run once
-without interruption.
+Each run is `python -m siglip_jax.train` on a tiny model of the SigLIP 2 demo (conftest's
+TINY_SIGLIP2: the sigmoid loss and the LocCa decoder on the scenes set, SILC and TIPS from step 11
+of 12: the decoder's and the heads' parameters and optimizer state, the EMA teacher, the regions
+and the views in the data resume with the rest), as a user would start it; the reference is the
+same command run once without interruption (conftest's `siglip2_run`, which test_locca_run reads
+too). The SIGTERM test's runs are that command; the others leave out its scenes evaluation after
+the last step (`no_eval_args` below): it comes after the last save and changes no weight. The
+SIGTERM test's restart keeps it: it must compile nothing the reference compiled, the evaluation's
+programs included.
 """
 import json
 import os
@@ -20,41 +24,55 @@ import numpy as np
 import pytest
 
 from siglip_jax import checkpoint
+from conftest import SIGLIP2_DEVICES, SIGLIP2_STEPS as TOTAL, TINY_SIGLIP2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL = 24
-TINY = ["--config.model.image.depth=1", "--config.model.text.depth=1",
-        "--config.model.image.width=64", "--config.model.text.width=64",
-        "--config.model.image.mlp_dim=128", "--config.model.text.mlp_dim=128",
-        "--config.model.out_dim=(None, 64)",
-        "--config.model.image.num_heads=2", "--config.model.text.num_heads=2",
-        "--config.input.batch_size=16", "--config.input.image_size=32",
-        "--config.optim.schedule.warmup_steps=2",
-        "--config.evals.scenes.every_steps=0", "--config.evals.scenes.num_heldout=16",
-        "--config.evals.scenes.num_unseen=16", "--config.evals.scenes.num_probe_train=32",
-        f"--config.total_steps={TOTAL}", "--config.log_every_steps=1"]
 # The session's compilation cache (conftest) for every program, and its log lines: a restart
 # must find every program the reference run compiled (one that lowers differently from process
 # to process, e.g. by iterating a set of strings, is compiled again at every restart).
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={SIGLIP2_DEVICES}",
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            JAX_DEBUG_LOG_MODULES="jax._src.compiler")
 CACHE_MISS = "PERSISTENT COMPILATION CACHE MISS"
 
 
-SWITCH = 19   # round(0.8 * TOTAL): SILC and TIPS start
+SWITCH = round(0.8 * TOTAL)   # 10: SILC and TIPS start after this many updates
 
 
-def _start(workdir, every_steps, log):
-  cmd = [sys.executable, "-m", "siglip_jax.train", "--config=configs/siglip2_demo.py",
-         f"--workdir={workdir}", f"--config.checkpoint.every_steps={every_steps}",
-         "--config.checkpoint.keep=30", *TINY]
+@pytest.fixture(scope="module")
+def no_eval_args(tmp_path_factory):
+  """The command line of the kill and switch tests' runs, less `python -m siglip_jax.train`:
+  TINY_SIGLIP2 on the demo config less its `evals` (a config file written here: a flag cannot
+  remove a block); the steps, saves and restores are the same programs."""
+  path = tmp_path_factory.mktemp("config") / "siglip2_demo_without_evals.py"
+  path.write_text(f"""\
+import importlib.util
+_spec = importlib.util.spec_from_file_location(
+    "siglip2_demo", {os.path.join(ROOT, "configs", "siglip2_demo.py")!r})
+_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+
+
+def get_config(arg=None):
+  config = _demo.get_config(arg)
+  config.evals = {{}}
+  return config
+""")
+  assert TINY_SIGLIP2[0] == "--config=configs/siglip2_demo.py"
+  return [f"--config={path}"] + [a for a in TINY_SIGLIP2[1:]
+                                 if not a.startswith("--config.evals.")]
+
+
+def _start(args, workdir, every_steps, log):
+  cmd = [sys.executable, "-m", "siglip_jax.train", *args, f"--workdir={workdir}",
+         f"--config.checkpoint.every_steps={every_steps}", "--config.checkpoint.keep=30"]
   return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _run(workdir, every_steps, log_path, timeout=120):
+def _run(args, workdir, every_steps, log_path, timeout=120):
   with open(log_path, "a") as log:
-    proc = _start(workdir, every_steps, log)
+    proc = _start(args, workdir, every_steps, log)
     rc = proc.wait(timeout=timeout)
   text = open(log_path).read()
   assert rc == 0, text[-3000:]
@@ -109,12 +127,10 @@ def _assert_matches_reference(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(siglip2_run):
   """The uninterrupted run, with a checkpoint at every step (all kept)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _run(workdir, 1, workdir / "log.txt")
-  assert _committed(workdir) == list(range(1, TOTAL + 1))
-  return workdir
+  assert _committed(siglip2_run) == list(range(1, TOTAL + 1))
+  return siglip2_run
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +141,7 @@ def reference(reference_run):
 def test_sigterm_then_resume_is_exact(tmp_path, reference):
   workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
   with open(log_path, "w") as log:
-    proc = _start(workdir, 10, log)
+    proc = _start(TINY_SIGLIP2, workdir, 10, log)   # the reference's command
     assert _wait_for_step(proc, workdir, 3), open(log_path).read()[-3000:]
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -137,7 +153,7 @@ def test_sigterm_then_resume_is_exact(tmp_path, reference):
   assert 3 <= saved < TOTAL and saved in _committed(workdir)
   with open(log_path, "a") as log:
     log.write("\n=== restart\n")
-  text = _run(workdir, 10, log_path).rsplit("=== restart", 1)[-1]
+  text = _run(TINY_SIGLIP2, workdir, 10, log_path).rsplit("=== restart", 1)[-1]
   assert f"resuming at step {saved}" in text
   misses = [line for line in text.splitlines() if CACHE_MISS in line]
   assert not misses, "the restart compiled again what the reference run compiled:\n" + \
@@ -150,7 +166,7 @@ def _tmp_dirs(workdir):
   return [n for n in os.listdir(d) if "tmp" in n] if os.path.isdir(d) else []
 
 
-def test_kill_9_at_random_moments_then_finish(tmp_path, reference):
+def test_kill_9_at_random_moments_then_finish(tmp_path, reference, no_eval_args):
   workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
   rng = random.Random(0)
   resumed, half_written = [], []
@@ -159,7 +175,7 @@ def test_kill_9_at_random_moments_then_finish(tmp_path, reference):
     with open(log_path, "a") as log:
       log.write(f"\n=== attempt: kill {kill}, committed {before}\n")
       log.flush()
-      proc = _start(workdir, 4, log)
+      proc = _start(no_eval_args, workdir, 4, log)
       if kill == "mid-write":   # the moment orbax starts writing a step
         _wait_until(proc, lambda: _tmp_dirs(workdir), poll=0.002)
       else:   # a few steps on, once a checkpoint is committed, anywhere (a write included)
@@ -181,22 +197,48 @@ def test_kill_9_at_random_moments_then_finish(tmp_path, reference):
   assert before, f"no checkpoint was committed before the kills (resumed at {resumed})"
   with open(log_path, "a") as log:
     log.write(f"\n=== final attempt: committed {before}, half-written {half_written}\n")
-  text = _run(workdir, 4, log_path).rsplit("=== final attempt", 1)[-1]
+  text = _run(no_eval_args, workdir, 4, log_path).rsplit("=== final attempt", 1)[-1]
   assert f"resuming at step {before[-1]}" in text, text[-3000:]
   assert not _tmp_dirs(workdir)   # cleaned at start-up
   _assert_matches_reference(workdir, reference)
 
 
-@pytest.mark.parametrize("stop", [SWITCH - 1, SWITCH, SWITCH + 1])
-def test_stopped_before_at_and_after_the_switch_resumes_exactly(tmp_path, reference_run,
-                                                                 reference, stop):
+STOPS = (SWITCH - 1, SWITCH, SWITCH + 1)
+
+
+@pytest.fixture(scope="module")
+def switch_restarts(tmp_path_factory, reference_run, no_eval_args):
+  """The test below's three restarts, each from a copy of the reference's checkpoint at its
+  stop, started together (independent runs: on 2 cores three take little more time than two
+  one after another). Each saves its last step only (always saved), the one compared.
+  Returns {stop: (workdir, returncode, log)}."""
+  started = {}
+  for stop in STOPS:
+    tmp = tmp_path_factory.mktemp(f"stopped_at_{stop}")
+    workdir = tmp / "run"
+    shutil.copytree(os.path.join(reference_run, "checkpoints", str(stop)),
+                    workdir / "checkpoints" / str(stop))
+    log = open(tmp / "log.txt", "w")
+    started[stop] = (workdir, log, _start(no_eval_args, workdir, TOTAL, log))
+  done = {}
+  for stop, (workdir, log, proc) in started.items():
+    try:
+      rc = proc.wait(timeout=300)   # generous: three at once on a loaded machine
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      rc = f"killed after 300 s: {proc.wait()}"
+    log.close()
+    done[stop] = (workdir, rc, open(log.name).read())
+  return done
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_stopped_before_at_and_after_the_switch_resumes_exactly(switch_restarts, reference, stop):
   """A run stopped with its checkpoint at step `stop` (SILC/TIPS start after SWITCH completed
   updates) and resumed ends where the uninterrupted run ends, bit for bit: the switch happens
   once, at the same step, with the same fresh heads, and the teacher and views resume."""
-  workdir = tmp_path / "run"
-  shutil.copytree(os.path.join(reference_run, "checkpoints", str(stop)),
-                  workdir / "checkpoints" / str(stop))
-  text = _run(workdir, 1, tmp_path / "log.txt")
+  workdir, rc, text = switch_restarts[stop]
+  assert rc == 0, text[-3000:]
   assert f"resuming at step {stop}" in text
   ref_losses, ref_params = reference
   logged = dict(_logged(workdir))

@@ -8,6 +8,7 @@ import pytest
 from siglip_jax import cli, trainer
 from siglip_jax import mesh as mesh_lib
 from siglip_jax.objectives import distill
+from conftest import REPO
 
 MAKE_MESH = mesh_lib.make_mesh
 
@@ -78,7 +79,7 @@ def _config(repo_config="configs/siglip2_demo.py"):
   config.model.out_dim = (None, 32)
   for name in ("silc", "tips"):
     config.objectives[name].update(head_hidden=16, head_bottleneck=8, head_dim=12,
-                                   start_fraction=0.5)
+                                   start_fraction=0.25)   # after step 1: bench.run's switch
   config.objectives.silc.update(n_local=2, local_size=16)
   config.evals = {}
   config.total_steps = 4
@@ -86,23 +87,47 @@ def _config(repo_config="configs/siglip2_demo.py"):
   return config
 
 
-def _parts(monkeypatch, config, num_devices=1):
-  monkeypatch.setattr(trainer.mesh_lib, "make_mesh",
-                      lambda spec: MAKE_MESH(spec, devices=jax.devices()[:num_devices]))
-  return trainer.build(config)
+FSDP_DEVICES = 8
 
 
-def test_teacher_is_the_student_at_the_switch_then_follows_the_ema(monkeypatch, repo):
-  monkeypatch.chdir(repo)
+def _fsdp_config(num_devices=FSDP_DEVICES):
+  """The four objectives with every array FSDP-sharded over `num_devices` devices."""
   config = _config()
-  parts = _parts(monkeypatch, config)
+  config.input.batch_size = 16
+  config.mesh, config.sharding_rules, config.fsdp_min_size_mb = (("fsdp", num_devices),), \
+      ((".*", "fsdp"),), 0.0
+  return config
+
+
+@pytest.fixture(scope="module")
+def fsdp():
+  """(config, trainer.build's parts) on 8 devices under FSDP rules (1 device where fewer are
+  simulated), built once: the two tests below share its compiled steps (the 8-device test's
+  bench.run builds again and finds them in the persistent compilation cache)."""
+  n = FSDP_DEVICES if len(jax.devices()) >= FSDP_DEVICES else 1
+  config = _fsdp_config(n)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(REPO)
+    mp.setattr(trainer.mesh_lib, "make_mesh",
+               lambda spec: MAKE_MESH(spec, devices=jax.devices()[:n]))
+    parts = trainer.build(config)
+  return config, parts
+
+
+def test_teacher_is_the_student_at_the_switch_then_follows_the_ema(monkeypatch, repo, fsdp):
+  """As training builds it, with the teacher and heads FSDP-sharded like the student."""
+  monkeypatch.chdir(repo)
+  config, parts = fsdp
   objs = parts["objectives"]
-  switch_at = 2
+  switch_at = 1
   assert [o.start_step for o in objs if o.uses_teacher] == [switch_at, switch_at]
   from siglip_jax.data import pipeline
   batches = pipeline.make_batches(config, parts["batch_sharding"], views_from=switch_at)
   try:
-    state = parts["init"](jax.random.key(0), trainer._zeros_like(parts["init_example"]))
+    # The trainer's init, its example batch placed as bench places its batches: with the switch
+    # where bench puts it, the same program, which the 8-device test below finds compiled.
+    state = parts["init"](jax.random.key(0), jax.device_put(
+        trainer._zeros_like(parts["init_example"]), parts["batch_sharding"]))
     assert int(state.teacher["switch_step"]) == switch_at
     for done in range(switch_at):
       _, batch, _ = next(batches)
@@ -157,22 +182,19 @@ def test_teacher_is_the_student_at_the_switch_then_follows_the_ema(monkeypatch, 
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated CPU devices")
-def test_all_four_objectives_compile_on_8_devices_with_fsdp(monkeypatch, repo):
+def test_all_four_objectives_compile_on_8_devices_with_fsdp(monkeypatch, repo, fsdp):
   """The step with sigmoid ring + LocCa + SILC + TIPS under FSDP rules: the teacher and the
   heads are sharded like the student; bench times the steps before and after the switch and
   the FLOPs count the teacher's forward and the views."""
   from siglip_jax import bench, flops
   monkeypatch.chdir(repo)
-  config = _config()
-  config.input.batch_size = 16
-  config.mesh, config.sharding_rules, config.fsdp_min_size_mb = (("fsdp", 8),), \
-      ((".*", "fsdp"),), 0.0
-  parts = trainer.build(config)
+  config, parts = fsdp
+  assert dict(parts["mesh"].shape) == {"fsdp": 8}
   teacher = parts["state_sharding"].teacher["params"]
   for tree in (teacher["img"]["Transformer"], teacher["silc_head"], parts[
       "state_sharding"].params["tips_head"]):
     assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(tree))
-  result = bench.run(config, steps=1, warmup=1)
+  result = bench.run(_fsdp_config(), steps=1, warmup=1)   # builds its own parts
   assert result["pairs_per_s"] > 0 and result["pairs_per_s_before_switch"] > 0
   assert np.isfinite(result["loss"])
   objs = {o.name: o for o in parts["objectives"]}

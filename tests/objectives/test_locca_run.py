@@ -1,8 +1,9 @@
 """A tiny SigLIP 2 demo run (sigmoid loss + LocCa decoder on scenes, SILC + TIPS in its last
-step) as a user starts it, then what its workdir gives: the scenes metrics (the dense probe's
-too) in training and in `evaluate`, `siglip_jax.load` with caption/locate/describe and
-`encode_patches`, and exports that hold the two towers, t and b only (no decoder, distillation
-head, mask token or teacher; HF parity holds)."""
+two steps; conftest's `siglip2_run`, test_resume's reference too) as a user starts it, then what
+its workdir gives: the scenes metrics (the dense probe's too) in training and in `evaluate`,
+`siglip_jax.load` with caption/locate/describe and `encode_patches`, and exports that hold the
+two towers, t and b only (no decoder, distillation head, mask token or teacher; HF parity
+holds)."""
 import json
 import os
 
@@ -14,29 +15,17 @@ from siglip_jax import convert
 from siglip_jax.data import scenes
 from siglip_jax.data.preprocess import to_float
 from siglip_jax.interop import big_vision
-from conftest import run_module
+from conftest import SIGLIP2_DEVICES, SIGLIP2_STEPS, run_module
 
-TINY_SIGLIP2 = [
-    "--config=configs/siglip2_demo.py", "--config.input.batch_size=16",
-    "--config.input.image_size=32",
-    "--config.model.image.depth=1", "--config.model.image.width=32",
-    "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
-    "--config.model.text.depth=1", "--config.model.text.width=32",
-    "--config.model.text.mlp_dim=64", "--config.model.text.num_heads=2",
-    "--config.model.out_dim=(None,32)", "--config.optim.schedule.warmup_steps=2",
-    "--config.total_steps=3", "--config.checkpoint.every_steps=3", "--config.log_every_steps=1",
-    "--config.evals.scenes.every_steps=3", "--config.evals.scenes.num_heldout=16",
-    "--config.evals.scenes.num_unseen=16", "--config.evals.scenes.num_probe_train=32",
-]
+SWITCH = round(0.8 * SIGLIP2_STEPS)   # SILC and TIPS train from the step after this one
 METRICS = ("refexp_acc50", "refexp_const_acc50", "grounded_acc", "caption_acc",
            "retrieval_i2t_r1", "retrieval_t2i_r1")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("siglip2") / "run")
-  run_module("siglip_jax.train", [*TINY_SIGLIP2, f"--workdir={wd}"])
-  return wd
+def workdir(siglip2_run):
+  """12 steps on 2 devices, the scenes metrics evaluated after the last (conftest)."""
+  return str(siglip2_run)
 
 
 def _last_row_with(workdir, key):
@@ -46,7 +35,8 @@ def _last_row_with(workdir, key):
 
 def test_training_logs_every_objective_and_the_scenes_metrics(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [r["step"] for r in rows if "train/loss_silc" in r] == [3]   # from step 0.8 * 3 on
+  assert [r["step"] for r in rows if "train/loss_silc" in r] == list(   # from 0.8 * 12 on
+      range(SWITCH + 1, SIGLIP2_STEPS + 1))
   row = _last_row_with(workdir, "train/loss_silc")
   for name in ("contrastive", "locca", "locca_caption", "locca_refexp", "locca_grounded",
                "silc", "tips"):
@@ -55,7 +45,7 @@ def test_training_logs_every_objective_and_the_scenes_metrics(workdir):
       row["train/loss_contrastive"] + row["train/loss_locca"] + 0.25 * row["train/loss_silc"]
       + 0.0625 * row["train/loss_tips"], rel=1e-6)
   # The FLOPs count the teacher and the views only from the switch on.
-  before = [r for r in rows if r["step"] == 2 and "train/loss" in r][0]
+  before = [r for r in rows if r["step"] == SWITCH and "train/loss" in r][0]
   assert row["perf/tflops_per_device"] / row["train/pairs_per_s"] > \
       1.2 * before["perf/tflops_per_device"] / before["train/pairs_per_s"]
   assert row["data/skipped_regions"] == 0
@@ -69,8 +59,8 @@ def test_training_logs_every_objective_and_the_scenes_metrics(workdir):
 
 
 def test_evaluate_cli_reports_the_same_scenes_metrics(workdir):
-  proc = run_module("siglip_jax.evaluate", [f"--workdir={workdir}"])
-  trained = _last_row_with(workdir, "scenes/refexp_acc50")
+  trained = _last_row_with(workdir, "scenes/refexp_acc50")   # before evaluate appends its own
+  proc = run_module("siglip_jax.evaluate", [f"--workdir={workdir}"], devices=SIGLIP2_DEVICES)
   for name in METRICS:
     assert f"scenes/{name}" in proc.stdout
   assert f"{trained['scenes/refexp_const_acc50']:.4f}" in proc.stdout
