@@ -59,6 +59,7 @@ def base():
   c.input = ml_collections.ConfigDict()
   c.input.data = "shapes"          # shapes (the demo) | webdataset | folder | tfds | synthetic
   c.input.batch_size = 0           # required: the global batch
+  c.input.microbatches = 1         # K > 1: gradient caching over K micro-batches (microbatch.py)
   c.input.image_size = 224
   c.input.text_len = 64
   c.input.tokenizer = ""           # a SentencePiece .model; empty: the demo's

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from siglip_jax import config_defaults, errors, losses, models, naflex_config, objectives, optim
-from siglip_jax import perf
+from siglip_jax import microbatch, perf
 from siglip_jax.models import text as text_model, two_towers, vit
 
 
@@ -89,6 +89,7 @@ def check_config(config, num_devices=None):
     raise ConfigError(f"config key `optim.name`: {config.optim.name!r} is unknown; "
                       f"use one of {', '.join(optim.OPTIMIZERS)}")
   naflex_config.check_config(config)   # first: it says why SILC/TIPS don't go with NaFlex
+  microbatch.check_config(config)
   objectives.check_config(config)
   _clip_schedule_to_run(config)
   try:

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from siglip_jax import microbatch
 from siglip_jax.models import naflex_vit
-from siglip_jax.objectives import distill
+from siglip_jax.objectives import distill, registry
 
 
 @flax.struct.dataclass
@@ -72,31 +73,50 @@ def _global_norm(tree):
   return optax.tree.norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def make_train_step(model, tx, objectives, lr_fn, active=None, teacher_momentum=None,
-                    update_mults=None):
-  """Returns `step(state, batch) -> (state, metrics)` training the objectives named in `active`
-  (default: all); jit it with shardings and donation, once per set of active objectives.
-  With SILC/TIPS on, `teacher_momentum(step, switch_step)` gives the teacher's EMA momentum.
-  `update_mults` (`optim.update_multipliers`): per-param factors on the updates, or None."""
+def make_loss_and_grads(model, objectives, active=None, plan=None):
+  """`fn(params, batch, teacher) -> (loss, metrics, grads, teacher_means)` of the objectives
+  named in `active` (default: all); `teacher_means`: the distillation targets' batch means
+  (the centers follow them), {} without SILC/TIPS. `plan` (`microbatch.Plan`, k > 1): the
+  batch in k micro-batches by gradient caching, the same loss and gradients."""
   on = [o for o in objectives if active is None or o.name in active]
   distilling = distill.on(on)
 
+  def targets_and_means(teacher, batch):
+    targets = distill.teacher_targets(on, teacher, batch)
+    return targets, distill.target_means(on, targets)
+
+  if plan is not None and plan.k > 1:
+    return microbatch.cached_loss_and_grads(
+        plan, objectives=on, split_params=lambda p: tower_params(p, objectives),
+        tower_outputs=lambda towers, b: tower_outputs(model, towers, b, train=True),
+        teacher_targets=targets_and_means if distilling else None)
+
   def forward_loss(params, batch, targets):
     tower_out = tower_outputs(model, tower_params(params, objectives), batch, train=True)
-    ctx = dict(tower_out, **targets)
-    total, metrics = jnp.zeros((), jnp.float32), {}
-    for o in on:
-      loss, extra = o.loss(params, batch, ctx)
-      total = total + o.weight * loss
-      metrics[f"train/loss_{o.name}"] = loss
-      metrics.update(extra)
-    return total, metrics
+    return registry.weighted_sum(on, params, batch, dict(tower_out, **targets))
+
+  def loss_and_grads(params, batch, teacher):
+    # The teacher's outputs come from outside the differentiated function: no gradient.
+    targets, means = targets_and_means(teacher, batch) if distilling else ({}, {})
+    (loss, aux), grads = jax.value_and_grad(forward_loss, has_aux=True)(params, batch, targets)
+    return loss, aux, grads, means
+
+  return loss_and_grads
+
+
+def make_train_step(model, tx, objectives, lr_fn, active=None, teacher_momentum=None,
+                    update_mults=None, plan=None):
+  """Returns `step(state, batch) -> (state, metrics)` training the objectives named in `active`
+  (default: all); jit it with shardings and donation, once per set of active objectives.
+  With SILC/TIPS on, `teacher_momentum(step, switch_step)` gives the teacher's EMA momentum.
+  `update_mults` (`optim.update_multipliers`): per-param factors on the updates, or None.
+  `plan` (`microbatch.Plan`, k > 1): the batch in k micro-batches by gradient caching."""
+  on = [o for o in objectives if active is None or o.name in active]
+  distilling = distill.on(on)
+  loss_and_grads = make_loss_and_grads(model, objectives, active, plan)
 
   def step(state, batch):
-    # The teacher's outputs come from outside the differentiated function: no gradient.
-    targets = distill.teacher_targets(on, state.teacher, batch) if distilling else {}
-    (loss, aux), grads = jax.value_and_grad(forward_loss, has_aux=True)(state.params, batch,
-                                                                        targets)
+    loss, aux, grads, means = loss_and_grads(state.params, batch, state.teacher)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if update_mults is not None:
       updates = jax.tree_util.tree_map(lambda u, m: u * m if m != 1.0 else u, updates,
@@ -110,7 +130,7 @@ def make_train_step(model, tx, objectives, lr_fn, active=None, teacher_momentum=
     teacher, extra = state.teacher, {}
     if distilling:
       momentum = teacher_momentum(state.step, state.teacher["switch_step"])
-      teacher = distill.next_teacher(teacher, params, targets, on, momentum)
+      teacher = distill.next_teacher(teacher, params, means, on, momentum)
       extra["train/teacher_momentum"] = momentum
     new_state = TrainState(
         step=new_step,

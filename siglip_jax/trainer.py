@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from siglip_jax import checkpoint, experiment, inference, mesh as mesh_lib, metrics, objectives
-from siglip_jax import naflex_config, optim, step
+from siglip_jax import microbatch, naflex_config, optim, step
 from siglip_jax.objectives import distill, distill_config
 from siglip_jax import paths, perf, workdir_lease
 
@@ -31,8 +31,9 @@ def build(config, workdir=None):
   except ValueError as e:
     raise experiment.ConfigError(str(e)) from None  # names input.batch_size
   # Each NaFlex length's batch splits over the batch axes' devices and the processes too.
-  naflex_config.check_config(config, batch_devices=math.lcm(mesh_lib.batch_size_divisor(mesh),
-                                                            jax.process_count()))
+  batch_devices = math.lcm(mesh_lib.batch_size_divisor(mesh), jax.process_count())
+  naflex_config.check_config(config, batch_devices=batch_devices)
+  microbatch.check_config(config, batch_devices=batch_devices)
   tokenizer = experiment.make_tokenizer(config)
   model, vocab_size = experiment.make_model(config, tokenizer.vocab_size)
   objs = objectives.build(config, towers=model, text_vocab=vocab_size, mesh=mesh)
@@ -53,6 +54,7 @@ def build(config, workdir=None):
   except ValueError as e:
     raise experiment.ConfigError(f"config key `sharding_rules`: {e}") from None
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  plan = microbatch.Plan(microbatch.count(config), mesh, state_sharding.params)
   teacher_cfg, total = config.objectives.teacher, config.total_steps
   momentum = lambda done, switch: distill.teacher_momentum(  # noqa: E731
       teacher_cfg, done, switch, total)
@@ -63,7 +65,7 @@ def build(config, workdir=None):
     batch holds what those objectives read (the views only from the switch on)."""
     keys = experiment.example_batch(config, [o for o in objs if o.name in active])
     return jax.jit(step.make_train_step(model, tx, objs, lr_fn, active, momentum,
-                                        update_mults),
+                                        update_mults, plan),
                    in_shardings=(state_sharding, {k: batch_sharding for k in keys}),
                    out_shardings=(state_sharding, None), donate_argnums=(0,))
 
@@ -74,7 +76,7 @@ def build(config, workdir=None):
                      donate_argnums=(0,))
   return dict(mesh=mesh, model=model, objectives=objs, tokenizer=tokenizer,
               vocab_size=vocab_size, tx=tx, example=example, init_example=init_example,
-              switch=switch, abstract_state=abstract_state,
+              switch=switch, abstract_state=abstract_state, plan=plan,
               state_sharding=state_sharding, batch_sharding=batch_sharding,
               train_step=train_step_for(frozenset(o.name for o in objs)),
               train_step_at=lambda done: train_step_for(objectives.active_names(objs, done)),

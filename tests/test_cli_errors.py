@@ -82,6 +82,9 @@ def test_user_mistakes_are_one_line(tmp_path):
        ["`objectives.tips.mask_ratio`"]),
       (["--config.objectives.silc.weight=1", "--config.model.image.pool_type=none"],
        ["`model.image.pool_type`"]),
+      # Gradient caching: no micro-batch at all; a batch of 16 in 3.
+      (["--config.input.microbatches=0"], ["`input.microbatches`", ">= 1"]),
+      (["--config.input.microbatches=3"], ["`input.microbatches`", "16", "3"]),
   ]
   runs = [(TRAIN, _tiny(wd, *args), None) for args, _ in cases]
   runs += [(TRAIN, TINY_DEMO + [f"--workdir={afile}"], None),
@@ -92,10 +95,13 @@ def test_user_mistakes_are_one_line(tmp_path):
            ("siglip_jax.convert", [f"--src={not_ckpt}", "--to=xx", f"--out={tmp_path / 'o'}"],
             None),
            ("siglip_jax.bench", ["--config=configs/demo.py", "--config.input.batchsiz=4"], None),
-           ("siglip_jax.preflight", ["--config=configs/demo.py", "--config.optim.nam=x"], None)]
+           ("siglip_jax.preflight", ["--config=configs/demo.py", "--config.optim.nam=x"], None),
+           ("siglip_jax.bench", ["--config=configs/demo.py", "--config.input.microbatches=-2"],
+            None)]
   needles = [n for _, n in cases] + [
       ["is a file"], ["nosuchscheme://"], ["checkpoint"], ["checkpoint"], ["/no/such"],
-      ["--to"], ["`input.batchsiz`", "`input.batch_size`"], ["`optim.nam`", "`optim.name`"]]
+      ["--to"], ["`input.batchsiz`", "`input.batch_size`"], ["`optim.nam`", "`optim.name`"],
+      ["`input.microbatches`", "-2"]]
   results = run_cases(runs)
   for (module, args, _), words, result in zip(runs, needles, results):
     print(module, args[-1], "->", (result["stderr"].strip().splitlines() or [""])[-1])

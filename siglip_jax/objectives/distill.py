@@ -35,25 +35,35 @@ def distill_xent(student_logits, teacher_logits, center, *, student_temp, teache
   return -jnp.sum(jax.lax.stop_gradient(target) * log_p, axis=-1)
 
 
-def silc_loss(student_logits, teacher_logits, center, *, student_temp, teacher_temp):
-  """student [B, n_local, K] (local crops), teacher [B, K] (global view) -> mean over crops."""
+def silc_loss(student_logits, teacher_logits, center, *, student_temp, teacher_temp,
+              num_crops=None):
+  """student [B, n_local, K] (local crops), teacher [B, K] (global view) -> the sum over crops
+  over `num_crops` (default B * n_local: the mean; a micro-batch passes the global count)."""
   xent = distill_xent(student_logits, teacher_logits[:, None], center,
                       student_temp=student_temp, teacher_temp=teacher_temp)
-  return jnp.mean(xent)
+  return jnp.sum(xent) / (xent.size if num_crops is None else num_crops)
 
 
-def tips_loss(student_logits, teacher_logits, mask, center, *, student_temp, teacher_temp):
+def tips_loss(student_logits, teacher_logits, mask, center, *, student_temp, teacher_temp,
+              num_masked=None):
   """student, teacher [B, P, K] (masked / unmasked global view), mask [B, P] -> the mean over
-  the masked patches of the whole batch."""
+  the masked patches of the whole batch (`num_masked`: their count; default this batch's)."""
   xent = distill_xent(student_logits, teacher_logits, center, student_temp=student_temp,
                       teacher_temp=teacher_temp)
   w = mask.astype(jnp.float32)
-  return jnp.sum(xent * w) / jnp.maximum(jnp.sum(w), 1.0)
+  num_masked = jnp.sum(w) if num_masked is None else num_masked
+  return jnp.sum(xent * w) / jnp.maximum(num_masked, 1.0)
 
 
-def update_center(center, teacher_logits, momentum):
-  """DINO's centering: the EMA of the teacher's mean output over the batch (and patches)."""
-  mean = jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]), axis=0)
+def batch_mean(teacher_logits):
+  """The teacher's mean output over the batch (and patches): what its center follows."""
+  return jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]), axis=0)
+
+
+def update_center(center, teacher_logits, momentum, mean=None):
+  """DINO's centering: the EMA of the teacher's mean output over the batch (and patches);
+  `mean` given (the whole batch's, from micro-batches) replaces the one of `teacher_logits`."""
+  mean = batch_mean(teacher_logits) if mean is None else mean
   return momentum * center + (1.0 - momentum) * mean
 
 
@@ -155,14 +165,17 @@ class SILC(_Distill):
       teacher += self.teacher_forward_flops()
     return v["n_local"] * (local + self.head_flops(image_width)) + teacher
 
-  def loss(self, params, batch, ctx):
+  def normalizer(self, batch):
+    return jnp.asarray(batch["view_local"].shape[0] * batch["view_local"].shape[1], jnp.float32)
+
+  def loss(self, params, batch, ctx, norm=None):
     local = batch["view_local"]
     b, n = local.shape[:2]
     _, out = self.vit.apply({"params": params["img"]}, local.reshape(b * n, *local.shape[2:]),
                             posemb_grid=self.posemb_grid)
     student = self.head.apply({"params": params["silc_head"]}, out["pre_logits"])
     loss = silc_loss(student.reshape(b, n, -1), ctx["teacher/silc"], ctx["center/silc"],
-                     **self.temps)
+                     num_crops=norm, **self.temps)
     return loss, {}
 
 
@@ -205,15 +218,21 @@ class TIPS(_Distill):
     # too, counted here once) and its head, without backward.
     return one + heads + heads / flops.TRAIN_MULTIPLIER + self.teacher_forward_flops()
 
-  def loss(self, params, batch, ctx):
+  def normalizer(self, batch):
+    mask = batch["tips_mask"]
+    return {"masked": jnp.sum(mask.astype(jnp.float32)),
+            "patches": jnp.asarray(mask.size, jnp.float32)}
+
+  def loss(self, params, batch, ctx, norm=None):
+    norm = self.normalizer(batch) if norm is None else norm
     _, out = self.vit.apply({"params": params["img"]}, batch["view_global"],
                             masked=batch["tips_mask"], mask_token=params["mask_token"],
                             posemb_grid=self.posemb_grid)
     student = self.head.apply({"params": params["tips_head"]}, out["encoded"])
     loss = tips_loss(student, ctx["teacher/tips"], batch["tips_mask"], ctx["center/tips"],
-                     **self.temps)
-    return loss, {"train/tips_masked_fraction": jnp.mean(batch["tips_mask"].astype(
-        jnp.float32))}
+                     num_masked=norm["masked"], **self.temps)
+    masked = jnp.sum(batch["tips_mask"].astype(jnp.float32))
+    return loss, {"train/tips_masked_fraction": masked / norm["patches"]}
 
 
 def _tower(vit):
@@ -280,12 +299,18 @@ def teacher_targets(objectives, teacher, batch):
   return jax.lax.stop_gradient(ctx)
 
 
-def next_teacher(teacher, params, ctx, objectives, momentum):
-  """The teacher after an update: EMA of the new student params, centers moved."""
+def target_means(objectives, ctx):
+  """{name: the teacher's mean output over this batch} of `teacher_targets`' ctx."""
+  return {o.name: batch_mean(ctx[f"teacher/{o.name}"]) for o in on(objectives)}
+
+
+def next_teacher(teacher, params, means, objectives, momentum):
+  """The teacher after an update: EMA of the new student params, centers moved towards
+  `means` (`target_means` of the whole batch)."""
   objs = on(objectives)
   centers = dict(teacher["centers"])
   for o in objs:
-    centers[o.name] = update_center(centers[o.name], ctx[f"teacher/{o.name}"],
-                                    float(o.cfg.center_momentum))
+    centers[o.name] = update_center(centers[o.name], None, float(o.cfg.center_momentum),
+                                    mean=means[o.name])
   student = {k: params[k] for k in teacher["params"]}
   return dict(teacher, params=ema(teacher["params"], student, momentum), centers=centers)

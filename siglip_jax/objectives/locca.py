@@ -68,16 +68,20 @@ def segments(batch_size, decoder_len):
   return jnp.broadcast_to(seg, (batch_size, seg.shape[0]))
 
 
-def task_losses(nll, task):
-  """Per task: the mean of `nll` over that task's tokens; with a count of 0 the task is absent
-  (its mean is 0 and it is left out of the mean over tasks)."""
-  means, present = [], []
-  for k in range(len(decoder_lib.TASKS)):
-    w = (task == k).astype(jnp.float32)
-    count = jnp.sum(w)
-    means.append(jnp.sum(nll * w) / jnp.maximum(count, 1.0))
-    present.append((count > 0).astype(jnp.float32))
-  means, present = jnp.stack(means), jnp.stack(present)
+def task_counts(task):
+  """[tasks]: how many trained target tokens each task has in `task` (float32)."""
+  return jnp.stack([jnp.sum((task == k).astype(jnp.float32))
+                    for k in range(len(decoder_lib.TASKS))])
+
+
+def task_losses(nll, task, counts=None):
+  """Per task: the sum of `nll` over that task's tokens over its count (`counts`: the whole
+  global batch's, default this batch's, so that micro-batches' shares add up); with a count of
+  0 the task is absent (its mean is 0 and it is left out of the mean over tasks)."""
+  counts = task_counts(task) if counts is None else counts
+  means = jnp.stack([jnp.sum(nll * (task == k).astype(jnp.float32)) / jnp.maximum(counts[k], 1.0)
+                     for k in range(len(decoder_lib.TASKS))])
+  present = (counts > 0).astype(jnp.float32)
   return jnp.sum(means * present) / jnp.maximum(jnp.sum(present), 1.0), means, present
 
 
@@ -127,13 +131,16 @@ class LocCa(Objective):
                                method=decoder_lib.Decoder.init_all)["params"]
     return {"decoder": params}
 
-  def loss(self, params, batch, tower_out):
+  def normalizer(self, batch):
+    return task_counts(batch["dec_task"].reshape(-1))
+
+  def loss(self, params, batch, tower_out, norm=None):
     dec = params["decoder"]
     h = self._hidden(dec, batch, tower_out)
     nll = chunked_xent.token_nll(h.reshape(-1, h.shape[-1]), dec["head"]["kernel"],
                                  dec["head"]["bias"], batch["dec_targets"].reshape(-1),
                                  chunk=self.chunk)
-    loss, means, present = task_losses(nll, batch["dec_task"].reshape(-1))
+    loss, means, present = task_losses(nll, batch["dec_task"].reshape(-1), norm)
     metrics = {f"train/loss_locca_{task}": jnp.where(present[k] > 0, means[k], jnp.nan)
                for k, task in enumerate(decoder_lib.TASKS)}
     return loss, metrics

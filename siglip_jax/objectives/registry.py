@@ -15,6 +15,9 @@ class Objective:
   uses_teacher = False  # SILC and TIPS: read the EMA teacher's outputs (objectives/distill.py)
   batch_keys = ()     # batch entries it reads besides image and text
   param_names = ()    # top-level parameter names it owns (beside img, txt, t, b)
+  # The contrastive loss couples the whole batch's embeddings: gradient caching computes it
+  # once over all micro-batches (microbatch.py); the others are sums over examples.
+  coupled = False
 
   def __init__(self, weight, start_step):
     self.weight, self.start_step = float(weight), int(start_step)
@@ -22,6 +25,13 @@ class Objective:
   def init(self, rng, batch, tower_out):
     del rng, batch, tower_out
     return {}
+
+  def normalizer(self, batch):
+    """What the loss divides by, read off the whole global batch (data only, no parameters):
+    `loss(params, micro_batch, ctx, norm)` is then that micro-batch's share of the global loss,
+    and the shares (and metrics) of the K micro-batches add up to the K = 1 values."""
+    del batch
+    return None
 
   def forward_flops(self, *, image_tokens, image_width):
     """Forward matmul FLOPs per example beyond the towers and the contrastive loss."""
@@ -37,6 +47,19 @@ class Objective:
     """Random batch entries of `batch_spec`'s shapes with valid values (bench's data)."""
     del key, batch_size, text_vocab
     return {}
+
+
+def weighted_sum(objectives, params, batch, ctx, norms=None):
+  """(sum_k weight_k * loss_k, {"train/loss_<name>": loss_k, and each one's metrics}) over
+  `objectives`; `norms` {name: normalizer}: a micro-batch's shares (Objective.normalizer)."""
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel (config code imports this)
+  total, metrics = jnp.zeros((), jnp.float32), {}
+  for o in objectives:
+    loss, extra = o.loss(params, batch, ctx, *(() if norms is None else (norms[o.name],)))
+    total = total + o.weight * loss
+    metrics[f"train/loss_{o.name}"] = loss
+    metrics.update(extra)
+  return total, metrics
 
 
 def _start_step(cfg, total_steps):
