@@ -8,6 +8,9 @@ lookup and the optimizer, which are a few percent at real sizes (the test holds 
 usual MFU convention (PaLM, appendix B), so MFU compares like with like across code bases. The
 same 3x holds for a frozen tower (LiT), which really skips its backward pass: there the figure
 overstates the work done, as model-FLOPs MFU does in other code bases too.
+
+Hardware FLOPs (`hw_train_flops_per_pair`) add what the step really computes twice: the blocks
+a remat policy recomputes in the backward, and gradient caching's extra tower forward.
 """
 import re
 
@@ -105,13 +108,19 @@ def _tower_dims(model):
   return img, txt
 
 
+def towers_forward_flops(model, *, image_size, text_len):
+  """Forward FLOPs of both towers (pooling and heads included) for one image-text pair."""
+  img, txt = _tower_dims(model)
+  return (image_tower_flops(image_size=image_size, **img)
+          + text_tower_flops(text_len=text_len, **txt))
+
+
 def forward_flops_per_pair(model, *, image_size, text_len, global_batch):
   """Forward FLOPs for one image-text pair of a `TwoTowers` model, loss included."""
-  img, txt = _tower_dims(model)
-  f_img = image_tower_flops(image_size=image_size, **img)
-  f_txt = text_tower_flops(text_len=text_len, **txt)
+  _, txt = _tower_dims(model)
   emb_dim = txt["out_dim"] or txt["width"]
-  return f_img + f_txt + loss_flops_per_pair(global_batch, emb_dim)
+  return (towers_forward_flops(model, image_size=image_size, text_len=text_len)
+          + loss_flops_per_pair(global_batch, emb_dim))
 
 
 def train_flops_per_pair(model, *, image_size, text_len, global_batch, objectives=()):
@@ -123,6 +132,62 @@ def train_flops_per_pair(model, *, image_size, text_len, global_batch, objective
                               image_width=img["width"]) for o in objectives)
   return TRAIN_MULTIPLIER * (forward_flops_per_pair(
       model, image_size=image_size, text_len=text_len, global_batch=global_batch) + extra)
+
+
+def remat_flops(policy, *, tokens, width, depth, mlp_dim):
+  """Forward FLOPs the backward of `depth` blocks recomputes under remat policy `policy` (a
+  `jax.checkpoint_policies` name, "none" = no remat; models/transformer.py `policy_from_name`).
+
+  "none" and "everything_saveable": nothing. Policies saving every dot ("dots_saveable",
+  "checkpoint_dots"): no matmul, only elementwise work (not counted). Those saving only dots
+  without batch dimensions ("..._no_batch_dims..."): the two attention matmuls (batched over
+  heads). Any other ("nothing_saveable"): each block's forward less its MLP's out projection,
+  whose output the backward never reads (XLA drops it; tests/test_flops.py checks both counts
+  against XLA's cost analysis)."""
+  policy = policy or "none"
+  if policy in ("none", "everything_saveable"):
+    return 0
+  if "dots" in policy:
+    return depth * 2 * 2 * tokens * tokens * width if "no_batch_dims" in policy else 0
+  return encoder_flops(tokens, width, depth, mlp_dim) - depth * 2 * tokens * width * mlp_dim
+
+
+def _remat_policies(model):
+  """(image, text) remat policy names: a tower's own setting, else its module's default."""
+  from siglip_jax.models.text import TextTransformer
+  from siglip_jax.models.two_towers import IMAGE_MODELS
+  default = lambda cls: cls.__dataclass_fields__["remat_policy"].default  # noqa: E731
+  return (dict(model.image or {}).get("remat_policy",
+                                      default(IMAGE_MODELS[model.image_model])),
+          dict(model.text or {}).get("remat_policy", default(TextTransformer)))
+
+
+def hw_train_flops_per_pair(model, *, image_size, text_len, global_batch, objectives=(),
+                            microbatches=1):
+  """Hardware FLOPs of one train step per pair: `train_flops_per_pair` (model FLOPs, no credit
+  for recomputation) plus what the step computes again:
+
+  - remat: each tower's `remat_flops` under its `remat_policy` (once: the backward recomputes
+    each block once, in pass 2 too);
+  - `microbatches` K > 1 (gradient caching, siglip_jax/microbatch.py): one more forward of both
+    towers, pooling and heads included (pass 1 computes the embeddings without gradient, pass 2
+    computes them again with it); the loss, the LocCa decoder and the teacher run once.
+
+  Not counted: the remat of the image tower's passes over SILC/TIPS views, and a frozen
+  tower's backward skipped (as in the model count)."""
+  img, txt = _tower_dims(model)
+  img_policy, txt_policy = _remat_policies(model)
+  recompute = (
+      remat_flops(img_policy, tokens=image_tokens(image_size, img["patch_size"],
+                                                  img["pool_type"]),
+                  width=img["width"], depth=img["depth"],
+                  mlp_dim=img["mlp_dim"] or 4 * img["width"])
+      + remat_flops(txt_policy, tokens=text_len, width=txt["width"], depth=txt["depth"],
+                    mlp_dim=txt["mlp_dim"] or 4 * txt["width"]))
+  if int(microbatches) > 1:
+    recompute += towers_forward_flops(model, image_size=image_size, text_len=text_len)
+  return recompute + train_flops_per_pair(model, image_size=image_size, text_len=text_len,
+                                          global_batch=global_batch, objectives=objectives)
 
 
 # Dense bf16 peak TFLOP/s per chip (per JAX device), from the vendors' data sheets. Matched as

@@ -1,6 +1,9 @@
 """Per-log-step performance measurements (TFLOP/s, MFU, memory) and the profiler window.
 
     perf/tflops_per_device  analytic train FLOPs per pair (siglip_jax.flops) x pairs/s / devices
+    perf/hw_tflops_per_device  the same with hardware FLOPs (flops.hw_train_flops_per_pair):
+                            remat's recompute and, with input.microbatches > 1, gradient
+                            caching's extra tower forward included; MFU stays on model FLOPs
     perf/mfu                that over the device's peak (flops.PEAK_TFLOPS or config.peak_tflops);
                             NaN where no peak is known (CPUs), said once on the console
     perf/device_mem_gib     the largest `bytes_in_use` over this process's devices; on backends
@@ -56,12 +59,18 @@ class PerfMeter:
 
     def image_size(seq_len):
       return config.input.image_size if patch is None else (seq_len * patch, patch)
-    self._flops = lambda objs, n=None: flops.train_flops_per_pair(  # noqa: E731
-        model, image_size=image_size(n or max(batches or [0])),
-        text_len=config.input.text_len,
-        global_batch=batches.get(n, config.input.batch_size), objectives=objs)
+    microbatches = int(config.input.get("microbatches", 1))
+
+    def per_pair(objs, n=None):
+      """(model, hardware) train FLOPs per pair at NaFlex length `n` (default the longest)."""
+      kw = dict(image_size=image_size(n or max(batches or [0])),
+                text_len=config.input.text_len,
+                global_batch=batches.get(n, config.input.batch_size), objectives=objs)
+      return (flops.train_flops_per_pair(model, **kw),
+              flops.hw_train_flops_per_pair(model, microbatches=microbatches, **kw))
+    self._flops = per_pair
     self.objectives = tuple(objectives)
-    self.flops_per_pair = self._flops(self.objectives)
+    self.flops_per_pair, self.hw_flops_per_pair = self._flops(self.objectives)
     self.num_devices = jax.device_count()
     kind = jax.devices()[0].device_kind
     self.peak = flops.peak_tflops(kind, config.get("peak_tflops", 0.0) or 0.0)
@@ -74,11 +83,11 @@ class PerfMeter:
     """`active`: the names of the objectives trained at this step (default: all), so the
     FLOPs count SILC/TIPS's teacher and views only from their switch on. `seq_len`: a NaFlex
     step's length (default: the longest)."""
-    per_pair = self.flops_per_pair
+    per_pair, hw_per_pair = self.flops_per_pair, self.hw_flops_per_pair
     if active is not None or seq_len is not None:
       objs = self.objectives if active is None else [
           o for o in self.objectives if o.name in active]
-      per_pair = self._flops(objs, seq_len)
+      per_pair, hw_per_pair = self._flops(objs, seq_len)
     tflops = per_pair * pairs_per_s / self.num_devices / 1e12
     mem, source = device_memory_gib()
     if self._mem_note and source == "host_rss":
@@ -86,6 +95,7 @@ class PerfMeter:
             "process's resident host memory", flush=True)
     self._mem_note = False
     return {"perf/tflops_per_device": tflops,
+            "perf/hw_tflops_per_device": hw_per_pair * pairs_per_s / self.num_devices / 1e12,
             "perf/mfu": tflops / self.peak if self.peak else float("nan"),
             "perf/device_mem_gib": mem}
 

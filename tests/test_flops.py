@@ -81,3 +81,79 @@ def test_decoder_flops_match_xla():
       tokens=t, width=64, depth=2, mlp_dim=256, image_tokens=n, image_width=di,
       vocab=decoder_lib.vocab_size(200, 32))
   assert abs(analytic - xla) / xla < 0.10, (analytic, xla)
+
+
+def _encoder_grad_flops(policy, b=4, t=64, w=64, mlp=256):
+  """XLA's FLOPs of the gradient of one encoder block with respect to its parameters and its
+  input (as every tower block's input needs one: the embeddings below it train)."""
+  from siglip_jax.models.transformer import Encoder
+  enc = Encoder(depth=1, mlp_dim=mlp, num_heads=4, remat_policy=policy)
+  x = jax.ShapeDtypeStruct((b, t, w), jnp.float32)
+  params = jax.eval_shape(lambda x: enc.init(jax.random.key(0), x), x)
+  grad = jax.grad(lambda p, x: jnp.sum(enc.apply(p, x)[0]), argnums=(0, 1))
+  cost = jax.jit(grad).lower(params, x).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def test_remat_recompute_matches_xla():
+  """nothing_saveable recomputes the block less its MLP out projection (XLA's count above no
+  remat adds the elementwise recompute: within 10%); the no-batch-dims policies the two
+  attention matmuls (the difference of the two policies: within 5%)."""
+  b, t, w, mlp = 4, 64, 64, 256
+  remat = lambda policy: b * flops.remat_flops(  # noqa: E731
+      policy, tokens=t, width=w, depth=1, mlp_dim=mlp)
+  xla = {p: _encoder_grad_flops(p, b, t, w, mlp)
+         for p in ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable")}
+  extra = xla["nothing_saveable"] - xla["none"]
+  assert 0 <= extra - remat("nothing_saveable") < 0.10 * extra, (extra, remat("nothing_saveable"))
+  diff = xla["nothing_saveable"] - xla["dots_with_no_batch_dims_saveable"]
+  analytic = remat("nothing_saveable") - remat("dots_with_no_batch_dims_saveable")
+  assert abs(analytic - diff) / diff < 0.05, (analytic, diff)
+  assert remat("dots_saveable") == remat("everything_saveable") == remat("none") == 0
+
+
+def _tiny_model(img_remat=None, txt_remat=None, pool_type="map"):
+  img = dict(patch_size=(4, 4), width=64, depth=2, mlp_dim=256, num_heads=4, pool_type=pool_type)
+  txt = dict(width=32, depth=3, mlp_dim=128, num_heads=4, vocab_size=64)
+  if img_remat:
+    img["remat_policy"] = img_remat
+  if txt_remat:
+    txt["remat_policy"] = txt_remat
+  return models.from_config(dict(image=img, text=txt, out_dim=(None, 64)))
+
+
+def test_hw_flops_add_remat_recompute_and_the_microbatch_forward():
+  kw = dict(image_size=32, text_len=16, global_batch=8)
+  img_tokens, text_len = 64, 16
+  enc_img = flops.encoder_flops(img_tokens, 64, 2, 256)
+  enc_txt = flops.encoder_flops(text_len, 32, 3, 128)
+  fc2 = lambda tokens, w, depth, mlp: depth * 2 * tokens * w * mlp  # noqa: E731
+  attn = lambda tokens, w, depth: depth * 2 * 2 * tokens * tokens * w  # noqa: E731
+  cases = {
+      ("none", "none"): 0,
+      ("everything_saveable", "dots_saveable"): 0,
+      ("checkpoint_dots", "none"): 0,
+      ("nothing_saveable", "none"): enc_img - fc2(img_tokens, 64, 2, 256),
+      ("none", "nothing_saveable"): enc_txt - fc2(text_len, 32, 3, 128),
+      ("dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims"):
+          attn(img_tokens, 64, 2) + attn(text_len, 32, 3),
+      (None, None): (enc_img - fc2(img_tokens, 64, 2, 256)       # the towers' default:
+                     + enc_txt - fc2(text_len, 32, 3, 128)),     # nothing_saveable
+  }
+  for (pi, pt), extra in cases.items():
+    model = _tiny_model(pi, pt)
+    base = flops.train_flops_per_pair(model, **kw)
+    assert flops.hw_train_flops_per_pair(model, **kw) - base == extra, (pi, pt)
+    assert flops.train_flops_per_pair(model, **kw) == base   # model FLOPs: no credit
+  # K > 1: one more forward of both towers (pooling and heads included), whatever K.
+  model = _tiny_model("none", "none")
+  towers = (flops.image_tower_flops(image_size=32, patch_size=(4, 4), width=64, depth=2,
+                                    mlp_dim=256, pool_type="map", out_dim=None)
+            + flops.text_tower_flops(text_len=16, width=32, depth=3, mlp_dim=128, out_dim=64))
+  k1 = flops.hw_train_flops_per_pair(model, **kw, microbatches=1)
+  for k in (2, 4):
+    assert flops.hw_train_flops_per_pair(model, **kw, microbatches=k) - k1 == towers
+  remat = _tiny_model("nothing_saveable", "nothing_saveable", pool_type="tok")
+  both = flops.hw_train_flops_per_pair(remat, **kw, microbatches=4)
+  assert both - flops.hw_train_flops_per_pair(remat, **kw) == flops.towers_forward_flops(
+      remat, image_size=32, text_len=16)

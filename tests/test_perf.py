@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN_NAMES = ["train/loss", "train/t", "train/b", "train/lr", "train/grad_norm",
                "train/param_norm", "train/update_norm", "train/pos_logit", "train/neg_logit",
-               "train/pairs_per_s", "perf/tflops_per_device", "perf/mfu",
+               "train/pairs_per_s", "perf/tflops_per_device", "perf/hw_tflops_per_device", "perf/mfu",
                "perf/device_mem_gib", "perf/data_wait_s", "data/skipped"]
 EVAL_NAMES = ["shapes/zeroshot_top1", "shapes/zeroshot_top1_unseen", "shapes/retrieval_i2t_r1",
               "shapes/retrieval_t2i_r1", "shapes/retrieval_i2t_r5", "shapes/retrieval_t2i_r5"]
@@ -32,6 +32,8 @@ def test_demo_run_logs_every_measurement(tiny_run):
     missing = [n for n in TRAIN_NAMES if n not in row]
     assert not missing, missing
     assert row["perf/tflops_per_device"] > 0 and row["train/pairs_per_s"] > 0
+    # The demo turns remat off and trains in one batch: hardware FLOPs are model FLOPs.
+    assert row["perf/hw_tflops_per_device"] == pytest.approx(row["perf/tflops_per_device"])
     assert row["perf/device_mem_gib"] > 0
     assert row["perf/mfu"] == "nan"          # no peak FLOP/s for CPUs: said, not invented
   evals = {k for r in rows for k in r}
@@ -64,10 +66,10 @@ def test_parse_steps():
       perf.parse_steps(bad)
 
 
-def _demo_config():
+def _demo_config(name="demo.py"):
   import importlib.util
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs",
-                                                                            "demo.py"))
+                                                                            name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -93,3 +95,27 @@ def test_device_memory_and_mfu_override():
   m = meter.metrics(pairs_per_s=1000.0)
   assert m["perf/mfu"] == pytest.approx(m["perf/tflops_per_device"] / 2.0)
   assert math.isfinite(m["perf/device_mem_gib"])
+
+
+def test_hw_tflops_counts_remat_and_the_microbatch_forward():
+  """perf/hw_tflops_per_device over perf/tflops_per_device is hardware over model FLOPs per
+  pair, with K read from the config, per NaFlex length and per set of active objectives."""
+  from siglip_jax import experiment, flops
+  for name, seq_len in (("demo.py", None), ("naflex_demo.py", 32), ("naflex_demo.py", None)):
+    config = _demo_config(name)
+    config.input.microbatches = 4
+    config.model.image["remat_policy"] = "nothing_saveable"
+    model, _ = experiment.make_model(config, 64)
+    meter = perf.PerfMeter(config, model, enabled=False)
+    m = meter.metrics(pairs_per_s=1000.0, active=("contrastive",), seq_len=seq_len)
+    if seq_len is None and name == "naflex_demo.py":
+      seq_len = 64                                      # the longest length
+    size = config.input.image_size if seq_len is None else (seq_len * 8, 8)
+    kw = dict(image_size=size, text_len=config.input.text_len, global_batch=128)
+    expected = flops.hw_train_flops_per_pair(model, microbatches=4, **kw)
+    assert expected > flops.train_flops_per_pair(model, **kw) + flops.towers_forward_flops(
+        model, image_size=size, text_len=config.input.text_len)   # remat counted too
+    assert m["perf/hw_tflops_per_device"] / m["perf/tflops_per_device"] == pytest.approx(
+        expected / flops.train_flops_per_pair(model, **kw), rel=1e-9), name
+    assert m["perf/tflops_per_device"] == pytest.approx(
+        flops.train_flops_per_pair(model, **kw) * 1000.0 / meter.num_devices / 1e12)
