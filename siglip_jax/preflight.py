@@ -2,6 +2,8 @@ r"""Will this config fit? Compiles the train step on simulated CPU devices befor
 
     python -m siglip_jax.preflight --config=configs/siglip_b16_224.py --devices=8 --chip=H100 \
         [--config.KEY=VALUE ...]
+    python -m siglip_jax.preflight --config=configs/siglip_b16_224.py --devices=8 --chip=H100 \
+        --max_batch [--microbatches_for_max=16]     # the largest global batch that fits
 
 Builds exactly what training builds (`trainer.build`: the configured mesh, sharding rules, loss
 and donated train step) on N simulated CPU devices, compiles it from abstract inputs (nothing is
@@ -13,9 +15,24 @@ allocated, so a pod-sized model is checked on a laptop) and reports per device:
   workspace), `compiled.memory_analysis().temp_size_in_bytes`, times `--activation_scale`;
 - outputs that do not reuse a donated input (the step's metrics).
 
-The total is set against the chip's HBM times `--usable_fraction` (runtimes reserve some: JAX on
-GPU preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says more). Prints a table and one JSON
-line; exits 1 with the reason when the config cannot fit or is invalid.
+With `input.microbatches = K` > 1 (gradient caching) the step keeps one micro-batch's
+activations (global batch / K) plus the whole batch's embeddings and their gradients; the report
+shows K and the micro-batch (`microbatches`, `micro_batch`, `per_device_micro_batch`).
+
+The total is set against the chip's HBM (`--hbm_gib` replaces it: a what-if) times
+`--usable_fraction` (runtimes reserve some: JAX on GPU preallocates 75% unless
+XLA_PYTHON_CLIENT_MEM_FRACTION says more). Prints a table and one JSON line; exits 1 with the
+reason when the config cannot fit or is invalid.
+
+`--max_batch` also searches the largest global batch that fits, with K = 1 and with
+K = `--microbatches_for_max` (the config's K when > 1) micro-batches, and ends the table with
+e.g. `B/16 on 8 H100: 2,048 pairs fit with K=1; 32,768 with K=16`; the JSON gets
+`"max_batch": {"1": {"global_batch": ..., "total_gib": ...}, "16": {...}}` (None: nothing fits).
+Memory is affine in the batch for a given K, so each search fits a line through two compiles and
+confirms its prediction with a third: 3 compiles per K when it holds (2 for K = 1 when the
+config's K is 1: the report's compile is one of them), at most 5; each answer is a compiled size
+that fits, within 1/32 of the largest (siglip_jax/preflight_search.py). The exit status still
+judges the config as given.
 
 The activation figure comes from XLA:CPU's buffer assignment for the same program, with two
 corrections for what the CPU does differently from a GPU or TPU:
@@ -112,11 +129,13 @@ def abstract_batch(example, batch_sharding):
           for k, v in example.items()}
 
 
-def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
-  """Per-device memory of the configured train step on this process's devices; a dict."""
+def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0, hbm_gib=None):
+  """Per-device memory of the configured train step on this process's devices; a dict.
+  `hbm_gib` replaces the chip's HBM (a what-if, and small fake chips in tests)."""
   import jax
-  from siglip_jax import flops, trainer
-  chip, hbm_gib, peak_tflops = chip_spec(chip)
+  from siglip_jax import flops, mesh as mesh_lib, trainer
+  chip, chip_hbm, peak_tflops = chip_spec(chip)
+  hbm_gib = chip_hbm if hbm_gib is None or hbm_gib <= 0 else hbm_gib
   note = None
   if jax.default_backend() != "gpu" and config.model.get("attention_impl") == "cudnn":
     stand_in_for_fused_attention()
@@ -139,7 +158,10 @@ def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
   activations = int(temp * scale)
   total = params + opt + other + batch_bytes + activations + fresh_out
   usable = hbm_gib * usable_fraction
+  usable_bytes = int(usable * GIB)
   mesh = parts["mesh"]
+  batch_devices = mesh_lib.batch_size_divisor(mesh)
+  global_batch, k = int(config.input.batch_size), int(config.input.get("microbatches", 1))
   # Analytic model FLOPs (siglip_jax.flops): XLA's cost analysis counts a scanned layer once
   # and cuDNN attention as zero, so it is not used here.
   step_flops = flops.train_flops_per_pair(
@@ -150,14 +172,18 @@ def estimate(config, chip="H100", usable_fraction=0.9, activation_scale=-1.0):
   sig = lambda x: float(f"{x:.3g}")  # noqa: E731
   return {
       "chip": chip, "hbm_gib": hbm_gib, "usable_gib": round(usable, 3),
+      "usable_bytes": usable_bytes,
       "devices": jax.device_count(), "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "global_batch": int(config.input.batch_size),
-      "per_device_batch": int(config.input.batch_size) // math.prod(
-          mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp")),
+      "model": config.model.image.get("variant") or "the model",
+      "global_batch": global_batch, "batch_devices": batch_devices,
+      "per_device_batch": global_batch // batch_devices,
+      # Gradient caching (`input.microbatches`): activations are kept for one micro-batch.
+      "microbatches": k, "micro_batch": global_batch // k,
+      "per_device_micro_batch": global_batch // k // batch_devices,
       "params_gib": g(params), "opt_state_gib": g(opt), "other_state_gib": g(other),
       "batch_gib": g(batch_bytes), "activations_gib": g(activations),
       "activation_scale": scale, "fresh_output_gib": g(fresh_out),
-      "total_gib": g(total), "fits": total <= usable * GIB,
+      "total_gib": g(total), "fits": total <= usable_bytes,
       # What XLA's own buffer assignment says, for comparison with the figure above.
       "compiled": {"argument_gib": g(arg), "output_gib": g(out), "alias_gib": g(alias),
                    "temp_gib": g(temp), "total_gib": g(arg + out - alias + temp)},
@@ -181,12 +207,23 @@ def verdict(r):
     return None
   big = max(("activations", r["activations_gib"]), ("parameters", r["params_gib"]),
             ("optimizer state", r["opt_state_gib"]), key=lambda kv: kv[1])
+  k = r["microbatches"]
+  batch = "lower input.batch_size"
+  fit = (r.get("max_batch") or {}).get("1", {}).get("global_batch")
+  if fit:
+    batch += f" ({fit:,} fits)"
+  if big[0] == "activations":
+    # Gradient caching keeps one micro-batch's activations: the same step at a K-th of them.
+    more = f"raise input.microbatches (now {k})" if k > 1 else "set input.microbatches=K"
+    knobs = (f"{more} (gradient caching: activations of global batch / K), {batch}, enable "
+             "remat (model.*.remat_policy=nothing_saveable), or add fsdp")
+  else:
+    knobs = (f"{batch}, add fsdp (mesh=(('data',-1),('fsdp',N)), sharding_rules=(('.*','fsdp'),)"
+             "), or enable remat (model.*.remat_policy=nothing_saveable)")
   return (f"per-device total {r['total_gib']:.1f} GiB exceeds {r['chip']}'s {r['hbm_gib']} GiB "
           f"(usable {r['usable_gib']:.1f} GiB): activations {r['activations_gib']:.1f} GiB, params "
           f"{r['params_gib']:.1f} GiB, optimizer {r['opt_state_gib']:.1f} GiB; largest: "
-          f"{big[0]} - lower input.batch_size, add fsdp (mesh=(('data',-1),('fsdp',N)), "
-          "sharding_rules=(('.*','fsdp'),)), or enable remat (model.*.remat_policy="
-          "nothing_saveable)")
+          f"{big[0]} - {knobs}")
 
 
 def table(r):
@@ -196,22 +233,30 @@ def table(r):
           ("fresh outputs", r["fresh_output_gib"]),
           ("total", r["total_gib"]), (f"{r['chip']} usable", r["usable_gib"])]
   head = (f"preflight: {r['devices']} devices, mesh {r['mesh']}, global batch {r['global_batch']} "
-          f"({r['per_device_batch']} per device), chip {r['chip']} ({r['hbm_gib']} GiB)")
+          f"({r['per_device_batch']} per device), ")
+  if r["microbatches"] > 1:
+    head += (f"K={r['microbatches']} micro-batches of {r['micro_batch']} "
+             f"({r['per_device_micro_batch']} per device), ")
+  head += f"chip {r['chip']} ({r['hbm_gib']:g} GiB)"
   lines = [head, f"{'per device':<28}{'GiB':>10}{'MiB':>12}"]
   lines += [f"{name:<28}{value:>10.3f}{value * 1024:>12.1f}" for name, value in rows]
   lines.append(f"{'fits':<28}{'yes' if r['fits'] else 'NO':>10}")
   if r["note"]:
     lines.append(f"note: {r['note']}")
+  if r.get("max_batch"):
+    from siglip_jax import preflight_search
+    lines.append(preflight_search.summary(r, r["max_batch"]))
   return "\n".join(lines)
 
 
 _CONFIG = _DEVICES = _CHIP = _USABLE = _SCALE = None  # set by _define_flags()
+_MAX_BATCH = _MICROBATCHES_FOR_MAX = _HBM_GIB = None
 
 
 def _define_flags():
   """Flags exist only when this module runs as a program, so tests and other modules can
   import it (absl refuses a flag name defined twice in one process)."""
-  global _CONFIG, _DEVICES, _CHIP, _USABLE, _SCALE
+  global _CONFIG, _DEVICES, _CHIP, _USABLE, _SCALE, _MAX_BATCH, _MICROBATCHES_FOR_MAX, _HBM_GIB
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (a .py file).",
                                             lock_config=False)
   _DEVICES = flags.DEFINE_integer("devices", 8, "Number of simulated devices (the pod's chips).")
@@ -221,6 +266,14 @@ def _define_flags():
                                "take the rest).")
   _SCALE = flags.DEFINE_float("activation_scale", -1.0,
                               "Factor on XLA:CPU's temp; -1: 0.5 for a 16-bit model.dtype, else 1.")
+  _MAX_BATCH = flags.DEFINE_boolean("max_batch", False,
+                                    "Also find the largest global batch that fits, with K=1 and "
+                                    "with K micro-batches (siglip_jax/preflight_search.py).")
+  _MICROBATCHES_FOR_MAX = flags.DEFINE_integer(
+      "microbatches_for_max", 16, "K for --max_batch's search with micro-batches (the config's "
+      "input.microbatches when that is > 1).")
+  _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM GiB per chip instead of --chip's (0: the "
+                                "chip's); a what-if, and small fake chips in tests.")
 
 
 def main(argv):
@@ -238,11 +291,26 @@ def main(argv):
   # already, start over in a fresh interpreter with the environment set.
   if simulate_devices(_DEVICES.value) and "jax" in sys.modules:
     os.execv(sys.executable, [sys.executable, "-m", "siglip_jax.preflight", *sys.argv[1:]])
-  from siglip_jax import experiment
+  from siglip_jax import experiment, naflex_config, preflight_search
   with cli.user_errors(ValueError):
     experiment.check_config(_CONFIG.value)
-    report = estimate(_CONFIG.value, _CHIP.value, _USABLE.value, _SCALE.value)
-  print(table(report))
+    if _MAX_BATCH.value and naflex_config.is_naflex(_CONFIG.value):
+      raise ValueError("--max_batch searches input.batch_size; a NaFlex config's batches are "
+                       "per length (input.batch_size_by_len): check them one by one")
+    if _MAX_BATCH.value and _MICROBATCHES_FOR_MAX.value < 2:
+      raise ValueError(f"--microbatches_for_max must be at least 2, got "
+                       f"{_MICROBATCHES_FOR_MAX.value}")
+    run = functools.partial(estimate, chip=_CHIP.value, usable_fraction=_USABLE.value,
+                            activation_scale=_SCALE.value, hbm_gib=_HBM_GIB.value)
+    report = run(_CONFIG.value)
+    if _MAX_BATCH.value:
+      print(table(report), flush=True)   # the config as it is, while the search compiles
+      report["max_batch"] = preflight_search.max_batches(
+          _CONFIG.value, report, run, _MICROBATCHES_FOR_MAX.value,
+          log=lambda line: print(line, file=sys.stderr, flush=True))
+      print(preflight_search.summary(report, report["max_batch"]))
+    else:
+      print(table(report))
   print(json.dumps(report), flush=True)
   reason = verdict(report)
   if reason:
