@@ -90,11 +90,13 @@ def repo():
 def tiny_run(tmp_path_factory):
   """One tiny demo run shared by the evaluation and observability tests (evaluate CLI, metric
   names, TensorBoard events, profiler trace, notebook): 6 steps on 2 devices, logged every 2
-  steps, checkpoints at 3 and 6, a profiler trace of steps 2..3. Returns {"workdir", "stdout"}."""
+  steps, checkpoints at 3 and 6, a profiler trace of steps 2..3; each batch in 2 micro-batches
+  (gradient caching), which none of its readers should notice. Returns {"workdir", "stdout"}."""
   workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
   proc = run_module("siglip_jax.train", TINY_DEMO + [
       f"--workdir={workdir}", "--config.total_steps=6", "--config.log_every_steps=2",
-      "--config.checkpoint.every_steps=3", "--config.profile_steps=2,3"], devices=2)
+      "--config.checkpoint.every_steps=3", "--config.profile_steps=2,3",
+      "--config.input.microbatches=2"], devices=2)
   return {"workdir": workdir, "stdout": proc.stdout}
 
 
@@ -144,11 +146,13 @@ SLOW_MODULES = {
     "test_load_convert.py", "test_checkpoint_damage.py", "test_workdir_lease.py",
     "test_tensorboard.py", "test_check.py", "test_preflight.py", "test_remote_workdir.py",
     "test_perf.py", "test_hostile_values.py", "test_locca_step.py", "test_locca_run.py",
+    "test_microbatch.py",
 }
 ACCELERATOR_MODULES = {
     "test_numerics.py", "test_param_layout.py", "test_losses.py", "test_ring_loss.py",
     "test_step.py", "test_checkpoint.py", "test_checkpoint_fingerprint.py", "test_hf.py",
     "test_big_vision.py", "test_chunked_xent.py", "test_locca.py", "test_mesh.py",
+    "test_loss_row_chunk.py",
 }
 
 

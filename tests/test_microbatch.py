@@ -1,6 +1,7 @@
 """Gradient caching (`input.microbatches`, siglip_jax/microbatch.py): K micro-batches give the
-loss and gradients of the whole batch — with the ring loss under FSDP on 4 devices, with LocCa,
-SILC and TIPS on, and over 20 demo steps — and the memory of one micro-batch."""
+loss and gradients of the whole batch — with the ring loss under FSDP on 4 devices and LocCa,
+SILC and TIPS on, and over 20 demo steps. Its memory: tests/test_preflight.py (--max_batch) and
+tests/test_loss_row_chunk.py; figures in docs/performance.md."""
 import jax
 import numpy as np
 import pytest
@@ -100,10 +101,11 @@ def test_ring_fsdp_and_every_objective_k4_equal_k1(monkeypatch):
   finally:
     batches.close()
   assert {"dec_task", "view_global", "view_local", "tips_mask"} <= set(batch)
-  state = parts["switch"](parts["init"](jax.random.key(0), batch))
+  state = parts["init"](jax.random.key(0), batch)
   # The teacher differs from the student (as after some updates): its targets matter.
   teacher = jax.tree_util.tree_map(lambda x: x * 0.9 if x.dtype == np.float32 else x,
                                    state.teacher)
+  teacher["centers"] = jax.tree_util.tree_map(lambda c: c + 0.1, teacher["centers"])
   out_1 = _loss_and_grads(parts, 1)(state.params, batch, teacher)
   out_k = _loss_and_grads(parts, 4)(state.params, batch, teacher)
   (loss_1, m_1, g_1, means_1), (loss_k, m_k, g_k, means_k) = jax.device_get((out_1, out_k))
@@ -122,12 +124,13 @@ def test_ring_fsdp_and_every_objective_k4_equal_k1(monkeypatch):
 
 
 def test_twenty_demo_steps_log_the_same_losses(monkeypatch):
-  """The demo as configured (one device, its data, model and optimizer), 20 steps of K = 4
-  against K = 1: the same losses within 1e-4 relative."""
+  """The demo (one device, its data, batch 128, optimizer and schedule; the towers one block
+  deep and 32 wide, to compile in seconds), 20 steps of K = 4 against K = 1: the same losses
+  within 1e-4 relative. docs/performance.md has the full-size demo's."""
   from siglip_jax.data import pipeline
 
   def losses(k):
-    config = cli.load_config_file("configs/demo.py")
+    config = _tiny(cli.load_config_file("configs/demo.py"))
     config.input.microbatches = k
     parts = _build(config, monkeypatch, devices=1)
     batches = pipeline.make_batches(config, parts["batch_sharding"])
@@ -146,27 +149,3 @@ def test_twenty_demo_steps_log_the_same_losses(monkeypatch):
   one, four = losses(1), losses(4)
   assert one[-1] < one[0]       # it trains
   np.testing.assert_allclose(four, one, rtol=1e-4)
-
-
-def _temp_bytes(config, monkeypatch, batch, k):
-  from siglip_jax import preflight
-  config.input.batch_size, config.input.microbatches = batch, k
-  parts = _build(config, monkeypatch, devices=1)
-  state = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      parts["abstract_state"], parts["state_sharding"])
-  example = preflight.abstract_batch(parts["example"], parts["batch_sharding"])
-  compiled = parts["train_step"].lower(state, example).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
-
-
-def test_memory_is_one_micro_batch(monkeypatch):
-  """Compiled scratch of the demo step: global batch 2048 in K = 8 micro-batches needs at most
-  1.3x what one micro-batch of 256 alone needs, and K = 32 at most 10% more than K = 8."""
-  config = cli.load_config_file("configs/demo.py")
-  one = _temp_bytes(config, monkeypatch, 256, 1)
-  eight = _temp_bytes(config, monkeypatch, 256 * 8, 8)
-  thirty_two = _temp_bytes(config, monkeypatch, 256 * 32, 32)
-  print(f"temp bytes: K=1 {one}, K=8 {eight}, K=32 {thirty_two}")
-  assert eight <= 1.3 * one
-  assert thirty_two <= 1.1 * eight

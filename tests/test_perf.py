@@ -32,8 +32,10 @@ def test_demo_run_logs_every_measurement(tiny_run):
     missing = [n for n in TRAIN_NAMES if n not in row]
     assert not missing, missing
     assert row["perf/tflops_per_device"] > 0 and row["train/pairs_per_s"] > 0
-    # The demo turns remat off and trains in one batch: hardware FLOPs are model FLOPs.
-    assert row["perf/hw_tflops_per_device"] == pytest.approx(row["perf/tflops_per_device"])
+    # The demo turns remat off; its 2 micro-batches add one forward of the towers: more than
+    # the model FLOPs, less than 4/3 of them (a forward is a third of a train step).
+    assert row["perf/tflops_per_device"] < row["perf/hw_tflops_per_device"] < \
+        4 / 3 * row["perf/tflops_per_device"]
     assert row["perf/device_mem_gib"] > 0
     assert row["perf/mfu"] == "nan"          # no peak FLOP/s for CPUs: said, not invented
   evals = {k for r in rows for k in r}

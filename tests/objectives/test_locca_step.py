@@ -63,9 +63,15 @@ def test_locca_step_on_4_devices_with_fsdp_and_the_ring_equals_1_device(monkeypa
                                + a["train/loss_locca"], rtol=1e-6)
   # After two updates the weights (the decoder's too) still agree. atol 2% of one step at the
   # peak lr (1e-3): Adam divides by sqrt(v), so where a gradient entry is near zero, float
-  # noise in it moves the update by up to ~lr.
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=2e-5),
-               params_one, params_four)
+  # noise in it moves the update by up to ~lr. The attention key biases' gradient is exactly
+  # zero in exact arithmetic (softmax ignores a shift shared by all keys): only that noise,
+  # which Adam turns into steps of up to lr, so they are held to that bound instead.
+  def close(path, x, y):
+    if "key" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      np.testing.assert_array_less(np.abs(y - x), 2 * 2 * 1e-3)
+    else:
+      np.testing.assert_allclose(y, x, rtol=1e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map_with_path(close, params_one, params_four)
 
 
 def test_bench_and_preflight_run_the_decoder_and_count_its_flops(monkeypatch, repo):
