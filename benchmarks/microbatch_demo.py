@@ -1,9 +1,10 @@
 """Gradient caching on the demo as shipped: N train steps with K micro-batches against K = 1 (the
-same data, model, optimizer), then the compiled scratch memory of the step. One JSON line.
+same data, model, optimizer): the losses of both and their largest relative difference. One
+JSON line. (Memory: `python -m siglip_jax.preflight`, see docs/performance.md.)
 
     python benchmarks/microbatch_demo.py [--steps=20] [--k=4]
 
-Losses: the largest relative difference over the steps (docs/performance.md, "Gradient caching").
+Figures: docs/performance.md, "Gradient caching".
 """
 import argparse
 import json

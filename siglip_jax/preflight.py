@@ -34,14 +34,18 @@ config's K is 1: the report's compile is one of them), at most 5; each answer is
 that fits, within 1/32 of the largest (siglip_jax/preflight_search.py). The exit status still
 judges the config as given.
 
-The activation figure comes from XLA:CPU's buffer assignment for the same program, with two
+The activation figure comes from XLA:CPU's buffer assignment for the same program, with three
 corrections for what the CPU does differently from a GPU or TPU:
 - XLA:CPU computes bfloat16 in float32 (its temp for a bf16 model equals the float32 model's,
   measured on a B/16-width model), so for a bf16/fp16 `model.dtype` the temp is halved
   (`--activation_scale`, default auto: 0.5 for 16-bit compute, 1 otherwise);
 - cuDNN's fused attention keeps only q, k, v and the output for the backward pass; it does not
   lower on CPU, so it is stood in for by XLA attention under `jax.checkpoint`, which keeps the
-  same. Accelerator compilers still fuse and schedule differently: an estimate, not a promise.
+  same;
+- XLA:CPU removes the optimization barriers that keep rematerialization (`remat_policy`, the
+  stand-in above) from being merged back into the forward pass, so preflight compiles with that
+  pass off (`--xla_disable_hlo_passes=cse_barrier_expander`), as accelerators keep them.
+Accelerator compilers still fuse and schedule differently: an estimate, not a promise.
 The raw compiled figures are in the JSON line (`compiled_bytes`).
 """
 import functools
@@ -71,10 +75,23 @@ def chip_spec(name):
   raise ValueError(f"--chip={name!r} is unknown; use one of {', '.join(CHIPS)}")
 
 
+# XLA:CPU drops optimization barriers before CSE, which merges a rematerialized forward with the
+# original: remat (and the fused-attention stand-in) then saves nothing in its buffer assignment
+# (a 6-block MLP: 247 MB temp with or without jax.checkpoint). Accelerator compilers keep them;
+# with this pass off the CPU keeps them too (80 MB) and still computes the same values.
+KEEP_REMAT_PASS = "cse_barrier_expander"
+
+
 def simulate_devices(n, env=os.environ):
-  """Sets the environment for `n` CPU devices; True when it changed anything. Only works before
-  JAX initializes its backends, hence the re-exec in `main`."""
+  """Sets the environment for `n` CPU devices compiled as an accelerator would keep remat; True
+  when it changed anything. Only works before JAX initializes its backends, hence the re-exec
+  in `main`."""
   flags_ = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  disabled = re.search(r"--xla_disable_hlo_passes=(\S+)", flags_)
+  if disabled is None:
+    flags_ += f" --xla_disable_hlo_passes={KEEP_REMAT_PASS}"
+  elif KEEP_REMAT_PASS not in disabled.group(1).split(","):
+    flags_ = flags_.replace(disabled.group(0), f"{disabled.group(0)},{KEEP_REMAT_PASS}")
   want = f"{flags_.strip()} --xla_force_host_platform_device_count={n}".strip()
   changed = env.get("XLA_FLAGS") != want or env.get("JAX_PLATFORMS") != "cpu"
   env["XLA_FLAGS"], env["JAX_PLATFORMS"] = want, "cpu"

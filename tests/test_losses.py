@@ -85,6 +85,20 @@ def check_sigmoid(fn, zimg, ztxt, t, b, rtol=2e-5):
       raise AssertionError(f"d{name}: {e}") from None
 
 
+def check_bf16(loss, zimg, ztxt):
+  """loss(zimg, ztxt) on bfloat16 embeddings (t = 112, b = -16.5 inside): a float32 value equal
+  to the float64 reference on the rounded inputs, bfloat16 gradients within their rounding."""
+  zi16, zt16 = jnp.asarray(zimg, jnp.bfloat16), jnp.asarray(ztxt, jnp.bfloat16)
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(zi16, zt16)
+  ref = np_sigmoid_loss_and_grads(np.asarray(zi16, np.float32), np.asarray(zt16, np.float32),
+                                  112.0, -16.5)
+  assert value.dtype == jnp.float32
+  assert_close(value, ref[0])
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  for grad, r in zip(grads, ref[1]):
+    assert_close(grad, r, rtol=1e-2)  # bf16 rounding of the gradients only
+
+
 # ----------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("t,b", TB_VALUES)

@@ -10,12 +10,14 @@ also checked against a count made here from the model's abstract parameters.
 import ast
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import ml_collections  # the config module needs it
 import pytest
 
-from conftest import TINY_DEMO, run_module
+from conftest import TINY_DEMO, cli_env, run_module
 
 DEVICE_ENV_NOTE = "the subprocess starts with 1 device: the preflight must give itself N"
 
@@ -60,6 +62,41 @@ def test_demo_on_8_devices_matches_compiled_memory(repo, monkeypatch):
   # Replicated float32 params: every device holds all of them; AdamW keeps two moments.
   assert mine["params"] == _param_bytes(_abstract_params([]))
   assert mine["opt_state"] >= 2 * mine["params"]
+
+
+_REMAT_PROBE = """
+import jax, jax.numpy as jnp
+def block(w, x):
+  return x + jnp.tanh(jnp.tanh(x @ w[0]) @ w[1]) @ w[2]
+def temp(remat):
+  b = jax.checkpoint(block, prevent_cse=True) if remat else block
+  def loss(ws, x):
+    for w in ws:
+      x = b(w, x)
+    return jnp.sum(x ** 2)
+  s = jax.ShapeDtypeStruct
+  ws = [[s((64, 256), "float32"), s((256, 256), "float32"), s((256, 64), "float32")]] * 6
+  return jax.jit(jax.grad(loss)).lower(ws, s((2048, 64), "float32")).compile(
+      ).memory_analysis().temp_size_in_bytes
+print(temp(False), temp(True))
+"""
+
+
+def test_remat_saves_memory_in_preflights_compiles(repo):
+  """Under preflight's XLA flags, jax.checkpoint'd blocks keep only their inputs (as on an
+  accelerator); with XLA:CPU's defaults the recompute is merged away and nothing is saved."""
+  from siglip_jax import preflight
+  env = cli_env(1)
+  assert preflight.simulate_devices(8, env) and not preflight.simulate_devices(8, env)
+  assert "--xla_disable_hlo_passes=cse_barrier_expander" in env["XLA_FLAGS"]
+  both = {}
+  for name, e in (("preflight", env), ("default", cli_env(1))):
+    proc = subprocess.run([sys.executable, "-c", _REMAT_PROBE], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=120, check=True)
+    both[name] = [int(x) for x in proc.stdout.split()]
+  plain, remat = both["preflight"]
+  assert remat < 0.5 * plain, both
+  assert both["default"][1] == both["default"][0], both   # why the flag is needed
 
 
 def test_fsdp_shards_params_and_optimizer_state(repo, monkeypatch):
