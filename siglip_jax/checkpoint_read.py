@@ -34,18 +34,28 @@ _warned_unverified = set()
 _warned_damaged = set()
 
 
+def _abandoned_read(unraisable):
+  """What a failed read leaves behind, nothing more being wrong: tensorstore completing the
+  read's other futures on the asyncio loop orbax has already closed (`RuntimeError: Event loop
+  is closed`), and orbax's pending shard reads, when garbage-collected, turning the closing
+  GeneratorExit into `Exception: Encountered error while reading array index`."""
+  e = unraisable.exc_value
+  if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+    return True
+  return (isinstance(e.__cause__, GeneratorExit)
+          and getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put")
+
+
 def _quiet_closed_loop_callbacks():
-  """After a failed read, tensorstore completes the read's other futures on the asyncio loop
-  orbax has already closed, and each completion prints a `RuntimeError: Event loop is closed`
-  traceback through sys.unraisablehook although nothing more is wrong: those, and only those,
-  are dropped, so a damaged step reads as one warning."""
+  """Each of `_abandoned_read`'s tracebacks would print through sys.unraisablehook, at whatever
+  moment the garbage collector runs: those, and only those, are dropped, so a damaged step
+  reads as one warning."""
   previous = sys.unraisablehook
   if getattr(previous, "siglip_jax_filter", False):
     return
 
   def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+    if not _abandoned_read(unraisable):
       previous(unraisable)
 
   hook.siglip_jax_filter = True

@@ -232,3 +232,30 @@ def test_on_a_bucket_a_damaged_step_is_marked_in_place_and_skipped(gcs):  # noqa
         infos, context=None) == [False, True, True]
   finally:
     ckpt.close()
+
+
+def test_only_what_an_abandoned_read_leaves_is_kept_quiet():
+  """A failed read's leftovers (futures completed on orbax's closed loop; orbax's pending shard
+  reads closed by the garbage collector) print nothing; any other unraisable still does."""
+  import types
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  async def some_other_coroutine():
+    pass
+
+  closed = Exception("Encountered error while reading array index")
+  closed.__cause__ = GeneratorExit()
+  read, other = _read_array_index_and_device_put(), some_other_coroutine()
+  try:
+    quiet = lambda e, obj: checkpoint_read._abandoned_read(  # noqa: E731
+        types.SimpleNamespace(exc_value=e, object=obj))
+    assert quiet(RuntimeError("Event loop is closed"), None)
+    assert quiet(closed, read)
+    assert not quiet(closed, other)
+    assert not quiet(Exception("Encountered error while reading array index"), read)
+    assert not quiet(RuntimeError("something else"), None)
+  finally:
+    read.close()
+    other.close()
