@@ -22,8 +22,8 @@ up: a [B/d, B] logits buffer grows as B squared), for `MAX_COMPILES` at most.
 
 Compiles per K: at most 3 when memory is affine (2 for K = 1 when the config's K is 1; one
 fewer when the first prediction lands within `TOLERANCE`), never more than 5. Measured:
-configs/siglip_b16_224.py on 8 simulated H100s, "B/16 on 8 H100: 3,840 pairs fit with K=1;
-29,824 with K=8" from the report's compile + 2 + 3 (3.6 min on 2 CPU cores); the tiny test demo
+configs/siglip_b16_224.py on 8 simulated H100s, "B/16 on 8 H100: 4,792 pairs fit with K=1;
+71,424 with K=16" from the report's compile + 2 + 2 (3 min on 2 CPU cores); the tiny test demo
 on a 0.03 GiB chip, 199 with K=1 and 632 with K=4 from 1 + 1 + 2. XLA's buffer assignment is
 affine only roughly (the tiny demo's total jumps by 10% between some neighbouring sizes).
 """
