@@ -70,6 +70,13 @@ def runs(tmp_path_factory):
   r.start("two_processes", [LOCAL_SH, "-n", "2", "-d", "2", "--", *TRAIN[:],
                             "--config.loss.kind=sigmoid_ring"],
           cli_env(devices=1, PYTHON=sys.executable))
+  # The same job with every array FSDP-sharded and each batch in 2 micro-batches (gradient
+  # caching: the batch's embeddings and the ring loss span both processes).
+  r.start("two_processes_fsdp_k2", [
+      LOCAL_SH, "-n", "2", "-d", "2", "--", *TRAIN, "--config.loss.kind=sigmoid_ring",
+      "--config.mesh=(('data', 2), ('fsdp', 2))", "--config.sharding_rules=(('.*', 'fsdp'),)",
+      "--config.fsdp_min_size_mb=0", "--config.input.microbatches=2"],
+      cli_env(devices=1, PYTHON=sys.executable))
   yield r
   r.close()
 
@@ -91,6 +98,14 @@ def test_two_processes_log_the_same_loss_as_one(runs):
   assert "4 devices x 2 processes" in log0 and f"[{STEPS}/{STEPS}]" in log0
   assert "[1/" not in log1 and "devices x" not in log1     # progress and summary: process 0 only
   assert len([f for f in os.listdir(two) if f.startswith("events.out.tfevents")]) <= 1
+
+
+def test_two_processes_with_fsdp_and_micro_batches_log_the_same_loss_as_one(runs):
+  steps_one, loss_one = _train_losses(runs.result("one_process"))
+  steps_two, loss_two = _train_losses(runs.result("two_processes_fsdp_k2"))
+  assert steps_one == steps_two == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(loss_two, loss_one, rtol=1e-4)
+  assert loss_one[-1] < loss_one[0]
 
 
 # --------------------------------------------------------------------------- the data
